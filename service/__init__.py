@@ -1,0 +1,1 @@
+"""Async ML prediction service: Starlette + aio-pika on one event loop."""

@@ -1,0 +1,67 @@
+"""`python -m service`: run the service under uvicorn (uvloop, httptools)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from types import FrameType
+
+import uvicorn
+
+from service.app import create_app
+from service.logs import configure_logging
+from service.settings import ConfigError, Settings
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, which also tells the app the moment a signal arrives."""
+
+    def __init__(self, config: uvicorn.Config, stopping: asyncio.Event) -> None:
+        super().__init__(config)
+        self._stopping = stopping
+        self.fatal_error: str | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        # Runs in the loop's thread, between two steps of the loop.
+        asyncio.get_running_loop().call_soon_threadsafe(self._stopping.set)
+
+    def fail(self, message: str) -> None:
+        """Stop serving because the service cannot work (the broker never came up)."""
+        self.fatal_error = message
+        self.should_exit = True
+
+
+def main() -> None:
+    try:
+        settings = Settings.from_env()
+        configure_logging(settings.log_level, settings.log_format)
+        server = _build_server(settings)
+    except ConfigError as exc:
+        sys.exit(f"error: {exc}")
+    server.run()
+    if server.fatal_error:
+        sys.exit(f"error: {server.fatal_error}")
+
+
+def _build_server(settings: Settings) -> Server:
+    holder: list[Server] = []
+    app = create_app(settings, on_fatal=lambda message: holder[0].fail(message))  # noqa: PLW0108 - holder is filled below
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,  # the app logs requests itself, with prediction ids
+        log_config=None,  # keep the handlers configure_logging installed
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
+        backlog=4096,
+    )
+    holder.append(Server(config, app.state.stopping))
+    return holder[0]
+
+
+if __name__ == "__main__":
+    main()

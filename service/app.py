@@ -1,0 +1,133 @@
+"""Wiring only: routes, exception handlers, middleware and the lifespan.
+
+The lifespan creates every resource and yields them as request state. The
+broker side (connect, replay the event stream, consume tasks) runs in the
+background, so the HTTP server answers from the first moment: sync
+predictions and /healthz work while the broker is still coming up, and
+/readyz says when the rest is ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+import anyio
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.routing import Route
+
+from service.broker import Broker, BrokerUnavailable
+from service.consumer import TaskConsumer
+from service.follower import EventFollower
+from service.http import api
+from service.http.errors import EXCEPTION_HANDLERS
+from service.http.instrument import InstrumentMiddleware
+from service.journal import Journal
+from service.metrics import Metrics
+from service.model import ModelRunner, Predictor, load_predictor
+from service.services import Services
+from service.settings import Settings
+from service.store import ResultStore
+
+log = logging.getLogger(__name__)
+
+OnFatal = Callable[[str], None]
+Lifespan = Callable[[Starlette], AbstractAsyncContextManager[dict[str, Services]]]
+
+
+def create_app(settings: Settings | None = None, *, on_fatal: OnFatal | None = None) -> Starlette:
+    """The ASGI app. Raises ConfigError (one line) if a setting is unusable."""
+    settings = settings or Settings.from_env()
+    predictor = load_predictor(settings)
+    metrics = Metrics()
+    routes = [
+        Route("/predict", api.predict, methods=["POST"]),
+        # `:path` so that any string, slashes included, gets the contract's 404.
+        Route("/predict/{prediction_id:path}", api.get_prediction, methods=["GET"]),
+        Route("/healthz", api.healthz, methods=["GET"]),
+        Route("/readyz", api.readyz, methods=["GET"]),
+        Route("/metrics", api.metrics, methods=["GET"]),
+    ]
+    route_of = {route.endpoint: route.path for route in routes}
+    stopping = asyncio.Event()
+    app = Starlette(
+        routes=routes,
+        exception_handlers=EXCEPTION_HANDLERS,
+        middleware=[Middleware(InstrumentMiddleware, metrics=metrics, route_of=route_of)],
+        lifespan=_lifespan(settings, predictor, metrics, stopping, on_fatal or _log_fatal),
+    )
+    # Set by `python -m service` on SIGTERM, before uvicorn drains connections,
+    # so the consumer stops taking tasks at once.
+    app.state.stopping = stopping
+    return app
+
+
+def _lifespan(
+    settings: Settings,
+    predictor: Predictor,
+    metrics: Metrics,
+    stopping: asyncio.Event,
+    on_fatal: OnFatal,
+) -> Lifespan:
+    @asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[dict[str, Services]]:
+        stopping.clear()
+        services = _build_services(settings, predictor, metrics)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_run_broker_side, services, stopping, on_fatal)
+            tg.start_soon(_release_waiters_when, stopping, services.store)
+            try:
+                yield {"services": services}
+            finally:
+                stopping.set()
+                await services.consumer.wait_drained()
+                tg.cancel_scope.cancel()
+        await services.broker.close()
+
+    return lifespan
+
+
+def _build_services(settings: Settings, predictor: Predictor, metrics: Metrics) -> Services:
+    store = ResultStore(settings.result_ttl_s)
+    runner = ModelRunner(predictor, settings.model_concurrency, metrics.model_latency.observe)
+    metrics.track(in_flight=lambda: runner.running, queue_depth=lambda: store.pending)
+    broker = Broker(settings)
+    journal = Journal(store, broker)
+    consumer = TaskConsumer(
+        broker,
+        journal,
+        runner,
+        metrics,
+        max_attempts=settings.max_attempts,
+        shutdown_grace_s=settings.shutdown_grace_s,
+    )
+    follower = EventFollower(broker, store)
+    return Services(settings, store, runner, broker, journal, follower, consumer, metrics)
+
+
+async def _run_broker_side(services: Services, stopping: asyncio.Event, on_fatal: OnFatal) -> None:
+    """Connect, replay the event stream, then consume tasks until stopping."""
+    try:
+        await services.broker.connect()
+    except BrokerUnavailable as exc:
+        on_fatal(str(exc))
+        return
+    async with anyio.create_task_group() as followers:
+        # The consumer waits for the replay: a redelivered task must see
+        # any outcome already recorded for it, or it would run twice.
+        await followers.start(services.follower.run)
+        async with anyio.create_task_group() as consumers:
+            await consumers.start(services.consumer.run, stopping)
+        followers.cancel_scope.cancel()
+
+
+async def _release_waiters_when(stopping: asyncio.Event, store: ResultStore) -> None:
+    await stopping.wait()
+    store.release_waiters()
+
+
+def _log_fatal(message: str) -> None:
+    log.critical("%s", message)

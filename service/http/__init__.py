@@ -1,0 +1,1 @@
+"""HTTP edge: request parsing, responses, errors and the route handlers."""

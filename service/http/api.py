@@ -1,0 +1,122 @@
+"""The route handlers. Each one parses, calls one service, and answers."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from service.broker import BrokerUnavailable
+from service.http.errors import ApiError
+from service.http.requests import (
+    decode_predict_request,
+    preferences,
+    read_body,
+    requested_wait_s,
+    wants_async,
+)
+from service.http.responses import JsonResponse, error_response
+from service.metrics import CONTENT_TYPE
+from service.model import ModelError
+from service.schemas import (
+    Accepted,
+    AcceptedResponse,
+    PredictionResponse,
+    PredictResponse,
+    StatusResponse,
+    json_encoder,
+)
+from service.services import Services
+from service.store import Prediction
+
+ACCEPTED_MESSAGE = "Request received. Processing asynchronously."
+STILL_PROCESSING = "Prediction is still being processed."
+NOT_FOUND = "Prediction ID not found."
+# Seconds a client should wait before retrying a 503: about one reconnect.
+RETRY_AFTER_S = "5"
+
+# Constant bodies are encoded once.
+_HEALTHY = json_encoder.encode(StatusResponse("ok"))
+_READY = json_encoder.encode(StatusResponse("ready"))
+
+
+def services_of(request: Request) -> Services:
+    services: Services = request.state.services
+    return services
+
+
+async def predict(request: Request) -> Response:
+    services = services_of(request)
+    body = await read_body(request, services.settings.max_body_bytes)
+    payload = decode_predict_request(body)
+    if wants_async(request.headers):
+        response = await _accept(services, payload.input)
+        if "respond-async" in preferences(request.headers):
+            response.headers["Preference-Applied"] = "respond-async"
+        return response
+    try:
+        result = await services.runner.predict(payload.input)
+    except ModelError as exc:
+        services.metrics.failed.labels("sync").inc()
+        raise ApiError(500, f"Prediction failed: {exc}") from None
+    services.metrics.completed.labels("sync").inc()
+    return JsonResponse(PredictResponse(payload.input, result))
+
+
+async def _accept(services: Services, input: str) -> Response:
+    prediction_id = str(uuid.uuid4())
+    try:
+        await services.journal.accept(Accepted(prediction_id, input, time.time()))
+    except BrokerUnavailable as exc:
+        raise ApiError(
+            503,
+            f"The task queue is unavailable ({exc}); retry later.",
+            {"Retry-After": RETRY_AFTER_S},
+        ) from None
+    services.metrics.accepted.inc()
+    return JsonResponse(
+        AcceptedResponse(ACCEPTED_MESSAGE, prediction_id),
+        202,
+        headers={"Location": f"/predict/{prediction_id}"},
+    )
+
+
+async def get_prediction(request: Request) -> Response:
+    services = services_of(request)
+    prediction_id: str = request.path_params["prediction_id"]
+    wait_s = requested_wait_s(request.headers, services.settings.max_wait_s)
+    if wait_s is None:
+        entry = await services.store.get(prediction_id)
+        return _prediction_response(prediction_id, entry)
+    entry = await services.store.wait_finished(prediction_id, wait_s)
+    response = _prediction_response(prediction_id, entry)
+    response.headers["Preference-Applied"] = f"wait={wait_s:g}"
+    return response
+
+
+def _prediction_response(prediction_id: str, entry: Prediction | None) -> Response:
+    if entry is None:
+        return error_response(404, NOT_FOUND)
+    if entry.result is not None:
+        output = PredictResponse(entry.input, entry.result)
+        return JsonResponse(PredictionResponse(prediction_id, output))
+    if entry.error is not None:
+        return error_response(500, f"Prediction failed: {entry.error}")
+    return error_response(400, STILL_PROCESSING)
+
+
+async def healthz(_: Request) -> Response:
+    return JsonResponse(_HEALTHY)
+
+
+async def readyz(request: Request) -> Response:
+    reason = services_of(request).not_ready_reason()
+    if reason is None:
+        return JsonResponse(_READY)
+    return error_response(503, reason)
+
+
+async def metrics(request: Request) -> Response:
+    return Response(services_of(request).metrics.render(), media_type=CONTENT_TYPE)

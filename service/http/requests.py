@@ -1,0 +1,88 @@
+"""Reading what a client sent: a bounded body, Async-Mode and Prefer."""
+
+from __future__ import annotations
+
+import msgspec
+from starlette.datastructures import Headers
+from starlette.requests import Request
+
+from service.http.errors import ApiError, BodyNotJson
+from service.schemas import PredictRequest, request_decoder
+
+
+async def read_body(request: Request, limit_bytes: int) -> bytes:
+    """The whole body, or 413 as soon as it is known to exceed the limit.
+
+    A declared Content-Length over the limit is refused before reading a
+    byte; a chunked body is counted as it arrives, so a huge one is never
+    held in memory.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit_bytes:
+        raise _too_large(limit_bytes)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit_bytes:
+            raise _too_large(limit_bytes)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode_predict_request(body: bytes) -> PredictRequest:
+    """400 if the body is not JSON; msgspec.ValidationError (422) if the shape is wrong."""
+    if not body.isascii():
+        # msgspec skips unknown fields without checking their UTF-8.
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BodyNotJson(f"invalid UTF-8 at byte {exc.start}") from None
+    try:
+        return request_decoder.decode(body)
+    except msgspec.ValidationError:
+        raise
+    except msgspec.DecodeError as exc:
+        raise BodyNotJson(str(exc)) from None
+
+
+def wants_async(headers: Headers) -> bool:
+    """`Async-Mode: true` (any case, blanks ignored) or `Prefer: respond-async`."""
+    mode = headers.get("async-mode")
+    if mode is not None and mode.strip().lower() == "true":
+        return True
+    return "respond-async" in preferences(headers)
+
+
+def requested_wait_s(headers: Headers, cap_s: float) -> float | None:
+    """`Prefer: wait=N` as seconds capped at `cap_s`; None if absent or malformed."""
+    value = preferences(headers).get("wait")
+    if value is None:
+        return None
+    try:
+        wait_s = float(value)
+    except ValueError:
+        return None
+    if not wait_s >= 0:  # also rejects NaN
+        return None
+    return min(wait_s, cap_s)
+
+
+def preferences(headers: Headers) -> dict[str, str]:
+    """RFC 7240 preferences: `Prefer: respond-async, wait=10; x=y` -> {name: value}.
+
+    Names are case-insensitive; parameters after `;` are ignored; the first
+    occurrence of a preference wins, as the RFC asks.
+    """
+    found: dict[str, str] = {}
+    for header in headers.getlist("prefer"):
+        for item in header.split(","):
+            name, _, value = item.split(";", 1)[0].partition("=")
+            name = name.strip().lower()
+            if name and name not in found:
+                found[name] = value.strip().strip('"')
+    return found
+
+
+def _too_large(limit_bytes: int) -> ApiError:
+    return ApiError(413, f"Request body is larger than {limit_bytes} bytes.")

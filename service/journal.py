@@ -1,0 +1,39 @@
+"""Writing prediction events: into this replica's mapping and onto the broker.
+
+Events are applied locally first, so the replica that made one answers
+for it at once, and then published with a confirm, so every other replica
+(and this one after a restart) reads it back from the stream.
+"""
+
+from __future__ import annotations
+
+from service.broker import EVENT_KEY, TASK_KEY, Broker
+from service.schemas import Accepted, Done, Failed, Outcome
+from service.store import Prediction, ResultStore
+
+
+class Journal:
+    def __init__(self, store: ResultStore, broker: Broker) -> None:
+        self.store = store
+        self.broker = broker
+
+    async def accept(self, task: Accepted) -> None:
+        """Record a new task and hand it to the broker (BrokerUnavailable if it won't)."""
+        await self.store.apply(task)
+        try:
+            await self.broker.publish(task, TASK_KEY)
+        except BaseException:
+            # No 202 will be sent, so nobody knows this id: drop it.
+            await self.store.forget_pending(task.prediction_id)
+            raise
+
+    async def record(self, outcome: Outcome) -> None:
+        await self.store.apply(outcome)
+        await self.broker.publish(outcome, EVENT_KEY)
+
+
+def outcome_of(prediction_id: str, entry: Prediction) -> Outcome:
+    """The event that recorded a finished entry, to publish it again."""
+    if entry.result is not None:
+        return Done(prediction_id, entry.input, entry.result, entry.updated_at_s)
+    return Failed(prediction_id, entry.input, entry.error or "unknown error", entry.updated_at_s)

@@ -1,0 +1,139 @@
+"""The model: the brief's mock, or a user's function named by `PREDICTOR`.
+
+Whatever the model is, it is called through `ModelRunner`, which holds the
+one concurrency limit shared by sync requests and queued tasks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import random
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Protocol, cast
+
+import anyio
+import anyio.to_thread
+
+from service.settings import ConfigError, Settings
+
+
+class Predictor(Protocol):
+    """What the service needs of a model: one awaitable call per input."""
+
+    def __call__(self, input: str, /) -> Awaitable[str]: ...
+
+
+class ModelError(Exception):
+    """The model raised or returned something that is not a result."""
+
+
+async def mock_predict(input: str, /, *, delay_min_s: float, delay_max_s: float) -> str:
+    """The brief's mock: wait 10-17 s (by default), answer a random integer."""
+    await anyio.sleep(_mock_delay_s(delay_min_s, delay_max_s))
+    return str(random.randint(1000, 20000))
+
+
+def _mock_delay_s(delay_min_s: float, delay_max_s: float) -> float:
+    # Whole bounds keep the brief's whole seconds; fractional ones let tests
+    # and benchmarks shrink the wait to milliseconds.
+    if float(delay_min_s).is_integer() and float(delay_max_s).is_integer():
+        return random.randint(int(delay_min_s), int(delay_max_s))
+    return random.uniform(delay_min_s, delay_max_s)
+
+
+def load_predictor(settings: Settings) -> Predictor:
+    """The configured model, made awaitable; raises ConfigError if it cannot load."""
+    if not settings.predictor:
+        return cast(
+            Predictor,
+            partial(
+                mock_predict,
+                delay_min_s=settings.model_delay_min_s,
+                delay_max_s=settings.model_delay_max_s,
+            ),
+        )
+    function = import_callable(settings.predictor)
+    if _is_async(function):
+        return cast(Predictor, function)
+    return _in_worker_thread(function, settings.model_concurrency)
+
+
+def import_callable(spec: str) -> Callable[..., object]:
+    """Resolve `package.module:function`, with a one-line error if it cannot."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ConfigError(f"PREDICTOR={spec!r} must look like 'package.module:function'")
+    try:
+        target: object = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ConfigError(f"PREDICTOR={spec!r}: cannot import {module_name!r}: {exc}") from None
+    for name in attribute.split("."):
+        target = getattr(target, name, None)
+        if target is None:
+            raise ConfigError(f"PREDICTOR={spec!r}: {module_name!r} has no attribute {attribute!r}")
+    if not callable(target):
+        raise ConfigError(f"PREDICTOR={spec!r} is not callable")
+    return target
+
+
+def _is_async(function: Callable[..., object]) -> bool:
+    call = getattr(function, "__call__", None)  # noqa: B004 - async callable objects count too
+    return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(call)
+
+
+def _in_worker_thread(function: Callable[[str], object], threads: int) -> Predictor:
+    # A blocking model must not stall the event loop. Its own thread limiter
+    # is as large as MODEL_CONCURRENCY, which the runner already enforces, so
+    # the shared limit is the only one that ever binds.
+    limiter = anyio.CapacityLimiter(threads)
+
+    async def predict(input: str, /) -> object:
+        return await anyio.to_thread.run_sync(function, input, limiter=limiter)
+
+    return cast(Predictor, predict)
+
+
+class ModelRunner:
+    """Runs predictions under the process-wide MODEL_CONCURRENCY limit."""
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        concurrency: int,
+        observe_latency_s: Callable[[float], object] = lambda _: None,
+    ) -> None:
+        self._predictor = predictor
+        self._limiter = anyio.CapacityLimiter(concurrency)
+        self._observe_latency_s = observe_latency_s
+
+    @property
+    def running(self) -> int:
+        return int(self._limiter.borrowed_tokens)
+
+    async def predict(self, input: str) -> str:
+        """The model's answer as a string; raises ModelError if the model fails."""
+        async with self._limiter:
+            started_s = time.perf_counter()
+            try:
+                result: object = await self._predictor(input)
+            except Exception as exc:
+                raise ModelError(_describe(exc)) from exc
+            finally:
+                self._observe_latency_s(time.perf_counter() - started_s)
+        return _as_result(result)
+
+
+def _as_result(result: object) -> str:
+    if isinstance(result, str):
+        return result
+    if isinstance(result, int | float) and not isinstance(result, bool):
+        return str(result)
+    raise ModelError(f"model returned {type(result).__name__}, expected str")
+
+
+def _describe(exc: Exception) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
