@@ -40,7 +40,9 @@ async def on_api_error(_: Request, exc: Exception) -> Response:
 async def on_validation_error(_: Request, exc: Exception) -> Response:
     # msgspec names the field and what it expected, e.g.
     # "Expected `str`, got `int` - at `$.input`".
-    return error_response(422, f"Invalid request: {exc}")
+    return error_response(
+        422, f"Invalid request: {exc}; expected a JSON object with a string field `input`."
+    )
 
 
 async def on_http_exception(_: Request, exc: Exception) -> Response:

@@ -1,0 +1,47 @@
+"""Models for PREDICTOR tests: `tests.predictors:<name>`."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import anyio
+
+
+def blocking_upper(text: str) -> str:
+    """A plain function that blocks, as many real models do."""
+    time.sleep(0.2)
+    return f"{text.upper()}@{threading.current_thread().name}"
+
+
+async def async_reverse(text: str) -> str:
+    await anyio.sleep(0.01)
+    return text[::-1]
+
+
+def always_fails(text: str) -> str:
+    raise ValueError(f"cannot predict {text!r}")
+
+
+def fails_on_boom(text: str) -> str:
+    if "boom" in text:
+        raise RuntimeError("boom in input")
+    return "42"
+
+
+def returns_number(text: str) -> int:
+    return len(text)
+
+
+NOT_CALLABLE = 3
+
+
+_attempts: dict[str, int] = {}
+
+
+def fails_first_time(text: str) -> str:
+    """Fails on the first call for an input, answers the attempt number after."""
+    _attempts[text] = _attempts.get(text, 0) + 1
+    if _attempts[text] == 1:
+        raise ConnectionError("model server hiccup")
+    return str(_attempts[text])

@@ -1,0 +1,226 @@
+"""Helpers shared by the tests: a live broker vhost, servers and clients."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aio_pika
+import anyio
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+
+from service.app import create_app
+from service.broker import Names
+from service.services import Services
+from service.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+BROKER_ROOT_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+def rabbitmqctl(*args: str) -> str:
+    done = subprocess.run(
+        ["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=60
+    )
+    return done.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def settings_for_test(rabbitmq_url: str, **changes: object) -> Settings:
+    """Settings for one test: its own namespace, a model that answers in ms."""
+    base = Settings(
+        rabbitmq_url=rabbitmq_url,
+        host="127.0.0.1",
+        port=free_port(),
+        model_delay_min_s=0.05,
+        model_delay_max_s=0.2,
+        broker_namespace=f"test-{uuid.uuid4().hex[:10]}",
+        broker_connect_timeout_s=10,
+        broker_reconnect_interval_s=0.5,
+        publish_timeout_s=2,
+        shutdown_grace_s=5,
+        max_wait_s=10,
+    )
+    return base.with_changes(**changes)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes `python -m service` use these settings."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST")}
+    for name in settings.__struct_fields__:
+        env[name.upper()] = str(getattr(settings, name))
+    return env
+
+
+@dataclass
+class LiveApp:
+    app: Starlette
+    client: httpx.AsyncClient
+    settings: Settings
+    server: uvicorn.Server
+
+    @property
+    def services(self) -> Services:
+        return self.server.lifespan.state["services"]  # type: ignore[no-any-return]
+
+
+@contextlib.asynccontextmanager
+async def live_app(settings: Settings, *, wait_ready: bool = True) -> AsyncIterator[LiveApp]:
+    """The real app under a real uvicorn server, in the test's own event loop."""
+    app = create_app(settings, on_fatal=lambda message: None)
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=settings.port,
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
+    # The test process keeps its own signal handlers.
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+    task = asyncio.create_task(server.serve())
+    try:
+        with anyio.fail_after(10):
+            while not server.started:
+                await asyncio.sleep(0.01)
+        base_url = f"http://127.0.0.1:{settings.port}"
+        async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+            live = LiveApp(app, client, settings, server)
+            if wait_ready:
+                await wait_ready_at(client)
+            yield live
+    finally:
+        server.should_exit = True
+        with anyio.fail_after(30):
+            await task
+        await delete_namespace(settings)
+
+
+async def wait_ready_at(client: httpx.AsyncClient, timeout_s: float = 20) -> None:
+    with anyio.fail_after(timeout_s):
+        while True:
+            try:
+                if (await client.get("/readyz")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.05)
+
+
+async def wait_finished(
+    client: httpx.AsyncClient, prediction_id: str, timeout_s: float = 20
+) -> httpx.Response:
+    """Poll until the prediction is no longer pending (400)."""
+    with anyio.fail_after(timeout_s):
+        while True:
+            try:
+                response = await client.get(f"/predict/{prediction_id}")
+                if response.status_code != 400:
+                    return response
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.05)
+
+
+async def submit_async(client: httpx.AsyncClient, text: str) -> str:
+    response = await client.post("/predict", json={"input": text}, headers={"Async-Mode": "true"})
+    assert response.status_code == 202, response.text
+    prediction_id: str = response.json()["prediction_id"]
+    return prediction_id
+
+
+async def delete_namespace(settings: Settings) -> None:
+    """Remove what the service declared for this test (queues, stream, exchanges)."""
+    names = Names.for_namespace(settings.broker_namespace)
+    with contextlib.suppress(Exception):
+        connection = await aio_pika.connect(settings.rabbitmq_url, timeout=5)
+        async with connection:
+            channel = await connection.channel()
+            for queue in (names.tasks, names.events, names.dead):
+                await channel.queue_delete(queue)
+            for exchange in (names.exchange, names.dead):
+                await channel.exchange_delete(exchange)
+
+
+async def dead_letters(settings: Settings, expected: int, timeout_s: float = 20) -> list[bytes]:
+    """Take `expected` messages from the dead-letter queue, waiting for them."""
+    names = Names.for_namespace(settings.broker_namespace)
+    bodies: list[bytes] = []
+    connection = await aio_pika.connect(settings.rabbitmq_url, timeout=5)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(names.dead, ensure=True)
+        with anyio.fail_after(timeout_s):
+            while len(bodies) < expected:
+                message = await queue.get(fail=False)
+                if message is None:
+                    await asyncio.sleep(0.05)
+                    continue
+                bodies.append(message.body)
+                await message.ack()
+    return bodies
+
+
+class ServiceProcess:
+    """`python -m service` as a real process, as an operator runs it."""
+
+    def __init__(self, settings: Settings, **env: str) -> None:
+        self.settings = settings
+        self.env = settings_env(settings) | env
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = Path(f"/tmp/service-{settings.broker_namespace}-{settings.port}.log")
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.port}"
+
+    async def start(self, *, wait_ready: bool = True) -> None:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "service"], env=self.env, cwd=REPO, stdout=log, stderr=log
+            )
+        if wait_ready:
+            async with httpx.AsyncClient(base_url=self.base_url) as client:
+                await wait_ready_at(client, timeout_s=30)
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    async def wait_exit(self, timeout_s: float = 30) -> int:
+        assert self.process is not None
+        with anyio.fail_after(timeout_s):
+            while (code := self.process.poll()) is None:
+                await asyncio.sleep(0.05)
+        return code
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                await self.wait_exit()
+            except TimeoutError:
+                self.process.kill()
+                self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -1,0 +1,61 @@
+"""The worker against the live broker: poison messages, failures, idempotency."""
+
+from __future__ import annotations
+
+import json
+
+import aio_pika
+
+from service.broker import Names
+from service.settings import Settings
+from tests.support import (
+    LiveApp,
+    dead_letters,
+    live_app,
+    settings_for_test,
+    submit_async,
+    wait_finished,
+)
+
+
+async def _publish_raw(settings: Settings, body: bytes) -> None:
+    """Put a message straight on the work queue, as a broken producer would."""
+    connection = await aio_pika.connect(settings.rabbitmq_url, timeout=5)
+    async with connection:
+        channel = await connection.channel()
+        await channel.default_exchange.publish(
+            aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            routing_key=Names.for_namespace(settings.broker_namespace).tasks,
+        )
+
+
+async def test_poison_messages_are_dead_lettered_and_work_goes_on(live: LiveApp) -> None:
+    poison = [b"not json", b'{"kind":"accepted"}', b'{"prediction_id": 5}', b"\xff\xfe"]
+    for body in poison:
+        await _publish_raw(live.settings, body)
+    assert sorted(await dead_letters(live.settings, len(poison))) == sorted(poison)
+    prediction_id = await submit_async(live.client, "after the poison")
+    response = await wait_finished(live.client, prediction_id)
+    assert response.status_code == 200
+    assert response.json()["output"]["input"] == "after the poison"
+
+
+async def test_a_task_with_a_recorded_outcome_is_not_run_again(live: LiveApp) -> None:
+    prediction_id = await submit_async(live.client, "once")
+    first = (await wait_finished(live.client, prediction_id)).json()
+    # Deliver the same task again, as the broker does after a crash.
+    task = {"kind": "accepted", "prediction_id": prediction_id, "input": "once", "at_s": 1.0}
+    await _publish_raw(live.settings, json.dumps(task).encode())
+    follow_up = await submit_async(live.client, "next")
+    await wait_finished(live.client, follow_up)
+    again = (await live.client.get(f"/predict/{prediction_id}")).json()
+    assert again == first
+
+
+async def test_a_transient_model_failure_is_retried(rabbitmq_url: str) -> None:
+    settings = settings_for_test(rabbitmq_url, predictor="tests.predictors:fails_first_time")
+    async with live_app(settings) as live:
+        prediction_id = await submit_async(live.client, "flaky")
+        response = await wait_finished(live.client, prediction_id)
+        assert response.status_code == 200
+        assert response.json()["output"]["result"] == "2"

@@ -1,0 +1,112 @@
+"""The mock model, PREDICTOR loading and the shared concurrency limit."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import anyio
+import pytest
+
+from service.model import ModelError, ModelRunner, _mock_delay_s, load_predictor, mock_predict
+from service.settings import ConfigError, Settings
+from tests.support import live_app, settings_for_test, submit_async, wait_finished
+
+
+def test_whole_delay_bounds_give_whole_seconds_in_range() -> None:
+    delays = {_mock_delay_s(10, 17) for _ in range(500)}
+    assert delays == set(range(10, 18))
+
+
+def test_fractional_delay_bounds_give_fractions_in_range() -> None:
+    delays = [_mock_delay_s(0.05, 0.2) for _ in range(500)]
+    assert all(0.05 <= d <= 0.2 for d in delays)
+    assert len(set(delays)) > 100
+
+
+async def test_mock_answers_an_integer_from_1000_to_20000() -> None:
+    results = [int(await mock_predict("x", delay_min_s=0, delay_max_s=0)) for _ in range(300)]
+    assert all(1000 <= r <= 20000 for r in results)
+    assert len(set(results)) > 200
+
+
+def test_defaults_keep_the_briefs_10_to_17_seconds() -> None:
+    settings = Settings()
+    assert (settings.model_delay_min_s, settings.model_delay_max_s) == (10, 17)
+
+
+async def test_runner_limits_concurrency_across_callers() -> None:
+    running = 0
+    peak = 0
+
+    async def predictor(text: str) -> str:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await anyio.sleep(0.05)
+        running -= 1
+        return text
+
+    runner = ModelRunner(predictor, concurrency=3)
+    results = await asyncio.gather(*(runner.predict(str(i)) for i in range(12)))
+    assert results == [str(i) for i in range(12)]
+    assert peak == 3
+
+
+async def test_runner_wraps_model_exceptions() -> None:
+    async def broken(text: str) -> str:
+        raise KeyError(text)
+
+    with pytest.raises(ModelError, match="KeyError: 'x'"):
+        await ModelRunner(broken, 1).predict("x")
+
+
+async def test_blocking_predictor_runs_in_a_worker_thread() -> None:
+    predictor = load_predictor(Settings(predictor="tests.predictors:blocking_upper"))
+    result = await predictor("abc")
+    assert result.startswith("ABC@")
+    assert not result.endswith(threading.main_thread().name)
+
+
+async def test_numbers_from_a_predictor_become_strings() -> None:
+    predictor = load_predictor(Settings(predictor="tests.predictors:returns_number"))
+    assert await ModelRunner(predictor, 1).predict("abcd") == "4"
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("no_colon", "must look like 'package.module:function'"),
+        ("no.such.module:f", "cannot import 'no.such.module'"),
+        ("tests.predictors:missing", "has no attribute 'missing'"),
+        ("tests.predictors:NOT_CALLABLE", "is not callable"),
+    ],
+)
+def test_bad_predictor_paths_fail_with_one_line(spec: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        load_predictor(Settings(predictor=spec))
+    assert "\n" not in str(info.value)
+
+
+async def test_blocking_predictor_does_not_stall_the_server(rabbitmq_url: str) -> None:
+    settings = settings_for_test(rabbitmq_url, predictor="tests.predictors:blocking_upper")
+    async with live_app(settings) as live:
+        slow = [
+            asyncio.create_task(live.client.post("/predict", json={"input": f"b{i}"}))
+            for i in range(4)
+        ]
+        await asyncio.sleep(0.02)
+        with anyio.fail_after(0.15):  # each blocking call takes 0.2 s
+            assert (await live.client.get("/healthz")).status_code == 200
+        answers = [(await task).json()["result"] for task in slow]
+        assert [a.split("@")[0] for a in answers] == ["B0", "B1", "B2", "B3"]
+
+
+async def test_async_predictor_serves_sync_and_async_requests(rabbitmq_url: str) -> None:
+    settings = settings_for_test(rabbitmq_url, predictor="tests.predictors:async_reverse")
+    async with live_app(settings) as live:
+        sync = await live.client.post("/predict", json={"input": "abc"})
+        assert sync.json() == {"input": "abc", "result": "cba"}
+        prediction_id = await submit_async(live.client, "xyz")
+        done = await wait_finished(live.client, prediction_id)
+        assert done.json()["output"] == {"input": "xyz", "result": "zyx"}

@@ -1,0 +1,62 @@
+"""Settings come from the environment, with the documented names and defaults."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from service.settings import ConfigError, Settings
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_defaults_match_the_contract() -> None:
+    settings = Settings.from_env({})
+    assert settings.rabbitmq_url == "amqp://guest:guest@localhost:5672/"
+    assert (settings.host, settings.port) == ("0.0.0.0", 8080)
+    assert settings.model_concurrency == 100
+    assert settings.max_body_bytes == 1_048_576
+    assert settings.predictor == ""
+    assert settings.result_ttl_s == 86_400
+    assert settings.shutdown_grace_s == 30
+    assert settings.max_wait_s == 60
+
+
+def test_values_are_read_and_converted_from_the_environment() -> None:
+    settings = Settings.from_env(
+        {
+            "PORT": "9000",
+            "MODEL_DELAY_MIN_S": "0.05",
+            "MODEL_DELAY_MAX_S": "0.2",
+            "LOG_LEVEL": "debug",
+            "LOG_FORMAT": "JSON",
+            "UNRELATED": "x",
+        }
+    )
+    assert settings.port == 9000
+    assert (settings.model_delay_min_s, settings.model_delay_max_s) == (0.05, 0.2)
+    assert (settings.log_level, settings.log_format) == ("DEBUG", "json")
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"PORT": "eighty"}, "PORT"),
+        ({"MODEL_CONCURRENCY": "0"}, "MODEL_CONCURRENCY"),
+        ({"MODEL_DELAY_MIN_S": "5", "MODEL_DELAY_MAX_S": "1"}, "must not exceed"),
+        ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+    ],
+)
+def test_bad_values_fail_with_one_line_naming_the_setting(
+    env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        Settings.from_env(env)
+    assert "\n" not in str(info.value)
+
+
+def test_readme_documents_every_setting() -> None:
+    documented = set(re.findall(r"^\| `([A-Z_]+)` \|", README.read_text(), re.MULTILINE))
+    assert documented == {name.upper() for name in Settings.__struct_fields__}
