@@ -112,10 +112,11 @@ def _decode(message: MessageT) -> Event | None:
     except (msgspec.DecodeError, UnicodeDecodeError):
         return None  # a poison task copied here by dead-lettering; the DLQ has it
     headers = message.headers or {}
-    if isinstance(event, Accepted) and "x-death" in headers:
+    reason = headers.get("x-first-death-reason")
+    if isinstance(event, Accepted) and reason is not None:
         # The broker gave up on this task (its delivery limit, most often
-        # because it kept crashing its worker): it failed for good.
-        reason = headers.get("x-first-death-reason", "dead-lettered")
+        # because it kept crashing its worker): it failed for good. Streams
+        # keep the x-first-death-* headers of a dead letter, not x-death.
         reason_text = reason.decode() if isinstance(reason, bytes) else str(reason)
         return Failed(
             event.prediction_id,

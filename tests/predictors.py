@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -45,3 +46,10 @@ def fails_first_time(text: str) -> str:
     if _attempts[text] == 1:
         raise ConnectionError("model server hiccup")
     return str(_attempts[text])
+
+
+def crashes_the_process(text: str) -> str:
+    """Kills its own process on "crash", as a segfaulting model would."""
+    if text == "crash":
+        os._exit(3)
+    return "1"

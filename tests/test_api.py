@@ -306,4 +306,3 @@ async def test_readyz_answers_ready_once_caught_up(live: LiveApp) -> None:
     response = await live.client.get("/readyz")
     assert response.status_code == 200
     assert response.content == b'{"status":"ready"}'
-

@@ -1,0 +1,211 @@
+"""Nothing accepted is lost; any replica answers for any prediction.
+
+Real `python -m service` processes against the real broker: killed,
+stopped, restarted, cut off from the broker, and run side by side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+
+import anyio
+import httpx
+
+from service.broker import connection_name
+from service.settings import Settings
+from tests.support import (
+    ServiceProcess,
+    dead_letters,
+    rabbitmqctl,
+    settings_for_test,
+    submit_async,
+    wait_finished,
+)
+
+
+async def _submit_many(base_url: str, count: int) -> dict[str, str]:
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        inputs = [f"task-{i}" for i in range(count)]
+        ids = await asyncio.gather(*(submit_async(client, text) for text in inputs))
+    return dict(zip(ids, inputs, strict=True))
+
+
+async def _assert_all_done(base_url: str, expected: dict[str, str], timeout_s: float = 40) -> None:
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        for prediction_id, text in expected.items():
+            response = await wait_finished(client, prediction_id, timeout_s)
+            assert response.status_code == 200, response.text
+            assert response.json()["output"]["input"] == text
+
+
+async def test_kill_9_with_100_in_flight_loses_nothing(rabbitmq_url: str) -> None:
+    settings = settings_for_test(rabbitmq_url, model_delay_min_s=1.0, model_delay_max_s=2.0)
+    service = ServiceProcess(settings)
+    await service.start()
+    try:
+        accepted = await _submit_many(service.base_url, 100)
+        service.signal(signal.SIGKILL)
+        await service.wait_exit()
+        await service.start()
+        await _assert_all_done(service.base_url, accepted)
+    finally:
+        await service.stop()
+
+
+async def test_another_replica_answers_for_predictions_it_did_not_accept(
+    rabbitmq_url: str,
+) -> None:
+    settings = settings_for_test(rabbitmq_url, model_delay_min_s=1.5, model_delay_max_s=1.6)
+    first = ServiceProcess(settings)
+    second = ServiceProcess(settings.with_changes(port=settings.port + 1))
+    await first.start()
+    await second.start()
+    try:
+        async with httpx.AsyncClient(base_url=first.base_url) as on_first:
+            prediction_id = await submit_async(on_first, "seen everywhere")
+        async with httpx.AsyncClient(base_url=second.base_url) as on_second:
+            with anyio.fail_after(1):  # the accepted event reaches the other replica
+                while (await on_second.get(f"/predict/{prediction_id}")).status_code == 404:
+                    await asyncio.sleep(0.01)
+            pending = await on_second.get(f"/predict/{prediction_id}")
+            assert pending.status_code == 400
+            done = await wait_finished(on_second, prediction_id)
+            assert done.status_code == 200
+            assert done.json()["output"]["input"] == "seen everywhere"
+    finally:
+        await first.stop()
+        await second.stop()
+
+
+async def test_sigterm_finishes_in_flight_work_within_the_grace_period(rabbitmq_url: str) -> None:
+    settings = settings_for_test(
+        rabbitmq_url, model_delay_min_s=1.0, model_delay_max_s=1.5, shutdown_grace_s=10
+    )
+    service = ServiceProcess(settings)
+    await service.start()
+    accepted = await _submit_many(service.base_url, 50)
+    await asyncio.sleep(0.3)
+    service.signal(signal.SIGTERM)
+    assert await service.wait_exit() == -signal.SIGTERM
+    assert "left for redelivery" not in service.log()
+    await service.start()
+    try:
+        await _assert_all_done(service.base_url, accepted)
+    finally:
+        await service.stop()
+
+
+async def test_sigterm_leaves_unfinished_work_for_the_next_start(rabbitmq_url: str) -> None:
+    settings = settings_for_test(
+        rabbitmq_url, model_delay_min_s=3.0, model_delay_max_s=3.5, shutdown_grace_s=0.5
+    )
+    service = ServiceProcess(settings)
+    await service.start()
+    accepted = await _submit_many(service.base_url, 30)
+    await asyncio.sleep(0.3)
+    service.signal(signal.SIGTERM)
+    with anyio.fail_after(3):  # the grace period, not the model, bounds the stop
+        await service.wait_exit()
+    assert "left for redelivery" in service.log()
+    await service.start()
+    try:
+        await _assert_all_done(service.base_url, accepted)
+    finally:
+        await service.stop()
+
+
+def _close_service_connections(settings: Settings) -> int:
+    """Make the broker drop this service's connections, as a broker restart would."""
+    listing = rabbitmqctl("list_connections", "pid", "client_properties", "--no-table-headers")
+    pids = [
+        line.split("\t", 1)[0]
+        for line in listing.splitlines()
+        if f'"{connection_name(settings)}"' in line
+    ]
+    for pid in pids:
+        rabbitmqctl("close_connection", pid, "test: broker drops the connection")
+    return len(pids)
+
+
+async def test_dropped_broker_connection_loses_nothing(rabbitmq_url: str) -> None:
+    settings = settings_for_test(rabbitmq_url, model_delay_min_s=0.5, model_delay_max_s=1.0)
+    service = ServiceProcess(settings)
+    await service.start()
+    try:
+        accepted = await _submit_many(service.base_url, 100)
+        await asyncio.sleep(0.2)
+        assert _close_service_connections(settings) == 1
+        async with httpx.AsyncClient(base_url=service.base_url, timeout=10) as client:
+            # Sync predictions do not need the broker and keep working.
+            assert (await client.post("/predict", json={"input": "sync"})).status_code == 200
+            # Async ones answer 503 at once while it is down, and work again after.
+            with anyio.fail_after(15):
+                while True:
+                    response = await client.post(
+                        "/predict", json={"input": "later"}, headers={"Async-Mode": "true"}
+                    )
+                    assert response.status_code in (202, 503)
+                    if response.status_code == 202:
+                        accepted[response.json()["prediction_id"]] = "later"
+                        break
+                    assert response.headers["retry-after"]
+                    await asyncio.sleep(0.1)
+        await _assert_all_done(service.base_url, accepted)
+    finally:
+        await service.stop()
+
+
+async def test_results_survive_a_full_restart_until_the_ttl(rabbitmq_url: str) -> None:
+    settings = settings_for_test(rabbitmq_url, result_ttl_s=4)
+    service = ServiceProcess(settings)
+    await service.start()
+    accepted = await _submit_many(service.base_url, 5)
+    await _assert_all_done(service.base_url, accepted)
+    await service.stop()
+    await service.start()
+    try:
+        async with httpx.AsyncClient(base_url=service.base_url) as client:
+            for prediction_id in accepted:
+                assert (await client.get(f"/predict/{prediction_id}")).status_code == 200
+            await asyncio.sleep(4.5)
+            for prediction_id in accepted:
+                assert (await client.get(f"/predict/{prediction_id}")).status_code == 404
+    finally:
+        await service.stop()
+    await service.start()
+    try:
+        async with httpx.AsyncClient(base_url=service.base_url) as client:
+            for prediction_id in accepted:
+                assert (await client.get(f"/predict/{prediction_id}")).status_code == 404
+    finally:
+        await service.stop()
+
+
+async def test_a_task_that_keeps_crashing_its_worker_ends_dead_lettered_and_failed(
+    rabbitmq_url: str,
+) -> None:
+    settings = settings_for_test(
+        rabbitmq_url, predictor="tests.predictors:crashes_the_process", max_attempts=2
+    )
+    service = ServiceProcess(settings)
+    await service.start()
+    async with httpx.AsyncClient(base_url=service.base_url) as client:
+        prediction_id = await submit_async(client, "crash")
+    # Each start takes the task again and dies on it, until the broker gives up.
+    for _ in range(settings.max_attempts):
+        assert await service.wait_exit() == 3
+        await service.start(wait_ready=False)
+    try:
+        async with httpx.AsyncClient(base_url=service.base_url) as client:
+            response = await wait_finished(client, prediction_id)
+            assert response.status_code == 500
+            assert "set aside by the broker (delivery_limit)" in response.json()["error"]
+            [dead] = await dead_letters(settings, 1)
+            assert json.loads(dead)["prediction_id"] == prediction_id
+            # The worker goes on serving.
+            follow_up = await submit_async(client, "fine")
+            assert (await wait_finished(client, follow_up)).status_code == 200
+    finally:
+        await service.stop()
