@@ -98,6 +98,13 @@ class Broker:
         connection = await _connect_with_retry(self.settings)
         try:
             await self._declare(connection)
+        except aio_pika.exceptions.ChannelPreconditionFailed as exc:
+            await connection.close()
+            raise BrokerUnavailable(
+                f"the broker already has {self.names.exchange}.* declared with other "
+                f"arguments (was RESULT_TTL_S or MAX_ATTEMPTS changed?); use a new "
+                f"BROKER_NAMESPACE or delete the old queues: {exc}"
+            ) from None
         except BaseException:
             await connection.close()
             raise

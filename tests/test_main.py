@@ -6,7 +6,14 @@ import signal
 
 import httpx
 
-from tests.support import ServiceProcess, free_port, settings_for_test, submit_async, wait_finished
+from tests.support import (
+    ServiceProcess,
+    delete_namespace,
+    free_port,
+    settings_for_test,
+    submit_async,
+    wait_finished,
+)
 
 
 async def test_bad_predictor_exits_at_start_with_one_line(rabbitmq_url: str) -> None:
@@ -43,3 +50,16 @@ async def test_serves_predictions_and_stops_cleanly_on_sigterm(rabbitmq_url: str
         service.signal(signal.SIGTERM)
     # uvicorn re-raises SIGTERM after a graceful shutdown.
     assert await service.wait_exit() == -signal.SIGTERM
+
+
+async def test_changed_queue_arguments_stop_the_start_with_one_line(rabbitmq_url: str) -> None:
+    settings = settings_for_test(rabbitmq_url, max_attempts=3)
+    first = ServiceProcess(settings)
+    await first.start()
+    await first.stop()
+    changed = ServiceProcess(settings.with_changes(max_attempts=5))
+    await changed.start(wait_ready=False)
+    assert await changed.wait_exit() == 1
+    last_line = changed.log().strip().splitlines()[-1]
+    assert "was RESULT_TTL_S or MAX_ATTEMPTS changed?" in last_line
+    await delete_namespace(settings)
