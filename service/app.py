@@ -10,6 +10,7 @@ predictions and /healthz work while the broker is still coming up, and
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -17,17 +18,23 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 import anyio
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route
 
 from service.broker import Broker, BrokerUnavailable
 from service.consumer import TaskConsumer
 from service.follower import EventFollower
 from service.http import api
+from service.http.docs import SwaggerDocs
 from service.http.errors import EXCEPTION_HANDLERS
 from service.http.instrument import InstrumentMiddleware
+from service.http.openapi import build_openapi
+from service.http.responses import JsonResponse
 from service.journal import Journal
 from service.metrics import Metrics
 from service.model import ModelRunner, Predictor, load_predictor
+from service.schemas import json_encoder
 from service.services import Services
 from service.settings import Settings
 from service.store import ResultStore
@@ -43,6 +50,12 @@ def create_app(settings: Settings | None = None, *, on_fatal: OnFatal | None = N
     settings = settings or Settings.from_env()
     predictor = load_predictor(settings)
     metrics = Metrics()
+    docs = SwaggerDocs()
+    openapi = json_encoder.encode(build_openapi(_version(), settings.max_wait_s))
+
+    async def openapi_json(_: Request) -> Response:
+        return JsonResponse(openapi)
+
     routes = [
         Route("/predict", api.predict, methods=["POST"]),
         # `:path` so that any string, slashes included, gets the contract's 404.
@@ -50,6 +63,9 @@ def create_app(settings: Settings | None = None, *, on_fatal: OnFatal | None = N
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/readyz", api.readyz, methods=["GET"]),
         Route("/metrics", api.metrics, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
+        Route("/docs", docs.page, methods=["GET"]),
+        Route("/docs/static/{name}", docs.asset, methods=["GET"]),
     ]
     route_of = {route.endpoint: route.path for route in routes}
     stopping = asyncio.Event()
@@ -127,6 +143,13 @@ async def _run_broker_side(services: Services, stopping: asyncio.Event, on_fatal
 async def _release_waiters_when(stopping: asyncio.Event, store: ResultStore) -> None:
     await stopping.wait()
     store.release_waiters()
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("prediction-service")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
 
 
 def _log_fatal(message: str) -> None:

@@ -1,0 +1,56 @@
+"""Interactive API docs (Swagger UI 5) served from the package: no CDN, works offline.
+
+The assets are read once when the app is built and answered from memory,
+so serving them needs no file I/O (and no threads) on the event loop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+
+ASSET_DIR = Path(__file__).resolve().parent.parent / "static" / "swagger-ui"
+MEDIA_TYPES = {
+    "swagger-ui-bundle.js": "text/javascript; charset=utf-8",
+    "swagger-ui.css": "text/css; charset=utf-8",
+    "favicon-32x32.png": "image/png",
+}
+# The assets change only with the package version; let browsers keep them.
+CACHE = {"Cache-Control": "public, max-age=86400"}
+
+# Relative URLs, so the page also works behind a path-prefixing proxy.
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <title>Prediction service - API docs</title>
+  <link rel="icon" type="image/png" href="docs/static/favicon-32x32.png">
+  <link rel="stylesheet" href="docs/static/swagger-ui.css">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="docs/static/swagger-ui-bundle.js"></script>
+  <script>
+    window.ui = SwaggerUIBundle({url: "openapi.json", dom_id: "#swagger-ui",
+                                deepLinking: true, tryItOutEnabled: true});
+  </script>
+</body>
+</html>
+"""
+
+
+class SwaggerDocs:
+    def __init__(self) -> None:
+        self._assets = {name: (ASSET_DIR / name).read_bytes() for name in MEDIA_TYPES}
+
+    async def page(self, _: Request) -> Response:
+        return HTMLResponse(PAGE)
+
+    async def asset(self, request: Request) -> Response:
+        name: str = request.path_params["name"]
+        body = self._assets.get(name)
+        if body is None:
+            return Response(status_code=404)
+        return Response(body, media_type=MEDIA_TYPES[name], headers=CACHE)

@@ -1,0 +1,168 @@
+"""The OpenAPI 3.1 document, its schemas generated from the msgspec types.
+
+Built once per app: the schemas come from the same Structs the handlers
+encode and decode, so the document cannot drift from the bodies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from service.schemas import (
+    AcceptedResponse,
+    ErrorResponse,
+    PredictionResponse,
+    PredictRequest,
+    PredictResponse,
+    StatusResponse,
+)
+
+REF = "#/components/schemas/{name}"
+JSON = "application/json"
+
+
+def build_openapi(version: str, max_wait_s: float) -> dict[str, Any]:
+    (_, _, _, _, _, _), components = msgspec.json.schema_components(
+        [
+            PredictRequest,
+            PredictResponse,
+            AcceptedResponse,
+            PredictionResponse,
+            ErrorResponse,
+            StatusResponse,
+        ],
+        ref_template=REF,
+    )
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Prediction service",
+            "version": version,
+            "description": "Run the model now (sync) or queue it and poll by id (async).",
+        },
+        "paths": {
+            "/predict": {"post": _predict_operation()},
+            "/predict/{prediction_id}": {"get": _get_prediction_operation(max_wait_s)},
+            "/healthz": {"get": _status_operation("Liveness: the process is up.", "ok")},
+            "/readyz": {"get": _readyz_operation()},
+            "/metrics": {"get": _text_operation("Prometheus metrics.", "text/plain")},
+            "/openapi.json": {"get": _text_operation("This document.", JSON)},
+            "/docs": {"get": _text_operation("Interactive API docs.", "text/html")},
+        },
+        "components": {"schemas": components},
+    }
+
+
+def _predict_operation() -> dict[str, Any]:
+    return {
+        "summary": "Predict, now or asynchronously",
+        "operationId": "predict",
+        "parameters": [
+            _header("Async-Mode", "`true` (any case) queues the prediction and answers 202."),
+            _header("Prefer", "`respond-async` (RFC 7240) does the same as `Async-Mode: true`."),
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {JSON: {"schema": _ref(PredictRequest)}},
+        },
+        "responses": {
+            "200": _body("The model's answer.", PredictResponse),
+            "202": _body(
+                "Accepted; poll the Location.",
+                AcceptedResponse,
+                headers={
+                    "Location": _header_doc("Where to poll: /predict/{prediction_id}."),
+                    "Preference-Applied": _header_doc("`respond-async` when it was asked."),
+                },
+            ),
+            "400": _error("The body is not JSON."),
+            "413": _error("The body is larger than MAX_BODY_BYTES."),
+            "422": _error("The JSON is not an object with a string `input`."),
+            "500": _error("The model failed."),
+            "503": _error(
+                "The broker could not take the task; retry later.",
+                headers={"Retry-After": _header_doc("Seconds to wait before retrying.")},
+            ),
+        },
+    }
+
+
+def _get_prediction_operation(max_wait_s: float) -> dict[str, Any]:
+    return {
+        "summary": "Read an async prediction",
+        "operationId": "getPrediction",
+        "parameters": [
+            {"name": "prediction_id", "in": "path", "required": True, "schema": {"type": "string"}},
+            _header(
+                "Prefer",
+                f"`wait=N`: hold the request until the prediction is done or N seconds pass "
+                f"(at most {max_wait_s:g}).",
+            ),
+        ],
+        "responses": {
+            "200": _body(
+                "Done.",
+                PredictionResponse,
+                headers={"Preference-Applied": _header_doc("`wait=N` when long polling.")},
+            ),
+            "400": _error("Still being processed."),
+            "404": _error("No such prediction (or it expired)."),
+            "500": _error("The model failed for good."),
+        },
+    }
+
+
+def _readyz_operation() -> dict[str, Any]:
+    operation = _status_operation("Readiness: broker, event stream and worker are up.", "ready")
+    operation["responses"]["503"] = _error("Not ready; the error says why.")
+    return operation
+
+
+def _status_operation(summary: str, status: str) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "responses": {"200": _body(f'`{{"status": "{status}"}}`', StatusResponse)},
+    }
+
+
+def _text_operation(summary: str, media_type: str) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "responses": {"200": {"description": summary, "content": {media_type: {}}}},
+    }
+
+
+def _body(
+    description: str, struct: type[msgspec.Struct], headers: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {JSON: {"schema": _ref(struct)}},
+    }
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+def _error(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    return _body(description, ErrorResponse, headers)
+
+
+def _ref(struct: type[msgspec.Struct]) -> dict[str, str]:
+    return {"$ref": REF.format(name=struct.__name__)}
+
+
+def _header(name: str, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "header",
+        "required": False,
+        "description": description,
+        "schema": {"type": "string"},
+    }
+
+
+def _header_doc(description: str) -> dict[str, Any]:
+    return {"description": description, "schema": {"type": "string"}}
