@@ -132,11 +132,14 @@ class TaskConsumer:
             await _settle(message.nack(requeue=True))
             return
         await self._journal.record(outcome)
-        if isinstance(outcome, Failed):
+        extra = {"prediction_id": task.prediction_id}
+        if isinstance(outcome, Done):
+            log.info("prediction done", extra=extra)
+            await _settle(message.ack())
+        else:
+            log.warning("prediction failed after %d attempt(s)", attempt, extra=extra)
             self._metrics.dead_lettered.labels("model_failed").inc()
             await _settle(message.reject(requeue=False))
-        else:
-            await _settle(message.ack())
 
     async def _predict(self, task: Accepted, *, last_attempt: bool) -> Outcome | None:
         """The outcome to record, or None to retry the task."""

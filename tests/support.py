@@ -21,7 +21,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from service.app import create_app
-from service.broker import Names
+from service.broker import Names, connection_name
 from service.services import Services
 from service.settings import Settings
 
@@ -224,3 +224,16 @@ class ServiceProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def close_service_connections(settings: Settings) -> int:
+    """Make the broker drop this service's connections, as a broker restart would."""
+    listing = rabbitmqctl("list_connections", "pid", "client_properties", "--no-table-headers")
+    pids = [
+        line.split("\t", 1)[0]
+        for line in listing.splitlines()
+        if f'"{connection_name(settings)}"' in line
+    ]
+    for pid in pids:
+        rabbitmqctl("close_connection", pid, "test: broker drops the connection")
+    return len(pids)

@@ -13,12 +13,10 @@ import signal
 import anyio
 import httpx
 
-from service.broker import connection_name
-from service.settings import Settings
 from tests.support import (
     ServiceProcess,
+    close_service_connections,
     dead_letters,
-    rabbitmqctl,
     settings_for_test,
     submit_async,
     wait_finished,
@@ -116,19 +114,6 @@ async def test_sigterm_leaves_unfinished_work_for_the_next_start(rabbitmq_url: s
         await service.stop()
 
 
-def _close_service_connections(settings: Settings) -> int:
-    """Make the broker drop this service's connections, as a broker restart would."""
-    listing = rabbitmqctl("list_connections", "pid", "client_properties", "--no-table-headers")
-    pids = [
-        line.split("\t", 1)[0]
-        for line in listing.splitlines()
-        if f'"{connection_name(settings)}"' in line
-    ]
-    for pid in pids:
-        rabbitmqctl("close_connection", pid, "test: broker drops the connection")
-    return len(pids)
-
-
 async def test_dropped_broker_connection_loses_nothing(rabbitmq_url: str) -> None:
     settings = settings_for_test(rabbitmq_url, model_delay_min_s=0.5, model_delay_max_s=1.0)
     service = ServiceProcess(settings)
@@ -136,7 +121,7 @@ async def test_dropped_broker_connection_loses_nothing(rabbitmq_url: str) -> Non
     try:
         accepted = await _submit_many(service.base_url, 100)
         await asyncio.sleep(0.2)
-        assert _close_service_connections(settings) == 1
+        assert close_service_connections(settings) == 1
         async with httpx.AsyncClient(base_url=service.base_url, timeout=10) as client:
             # Sync predictions do not need the broker and keep working.
             assert (await client.post("/predict", json={"input": "sync"})).status_code == 200

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 
@@ -30,6 +31,8 @@ from service.schemas import (
 )
 from service.services import Services
 from service.store import Prediction
+
+log = logging.getLogger(__name__)
 
 ACCEPTED_MESSAGE = "Request received. Processing asynchronously."
 STILL_PROCESSING = "Prediction is still being processed."
@@ -76,6 +79,7 @@ async def _accept(services: Services, input: str) -> Response:
             {"Retry-After": RETRY_AFTER_S},
         ) from None
     services.metrics.accepted.inc()
+    log.info("prediction accepted", extra={"prediction_id": prediction_id})
     return JsonResponse(
         AcceptedResponse(ACCEPTED_MESSAGE, prediction_id),
         202,
