@@ -53,3 +53,9 @@ def crashes_the_process(text: str) -> str:
     if text == "crash":
         os._exit(3)
     return "1"
+
+
+async def sleeps_as_told(text: str) -> str:
+    """Sleeps the number of seconds its input says: "1.5" sleeps 1.5 s."""
+    await anyio.sleep(float(text))
+    return text

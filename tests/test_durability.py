@@ -13,10 +13,13 @@ import signal
 import anyio
 import httpx
 
+from service.broker import Names
+from service.settings import Settings
 from tests.support import (
     ServiceProcess,
     close_service_connections,
     dead_letters,
+    rabbitmqctl,
     settings_for_test,
     submit_async,
     wait_finished,
@@ -194,3 +197,28 @@ async def test_a_task_that_keeps_crashing_its_worker_ends_dead_lettered_and_fail
             assert (await wait_finished(client, follow_up)).status_code == 200
     finally:
         await service.stop()
+
+
+def _task_consumers(settings: Settings) -> int:
+    vhost = settings.rabbitmq_url.rsplit("/", 1)[1]
+    listing = rabbitmqctl("list_consumers", "-p", vhost, "queue_name", "--no-table-headers")
+    tasks = Names.for_namespace(settings.broker_namespace).tasks
+    return sum(1 for line in listing.splitlines() if line.split("\t")[0] == tasks)
+
+
+async def test_sigterm_stops_taking_tasks_before_http_requests_drain(rabbitmq_url: str) -> None:
+    settings = settings_for_test(rabbitmq_url, predictor="tests.predictors:sleeps_as_told")
+    service = ServiceProcess(settings)
+    await service.start()
+    assert _task_consumers(settings) == 1
+    async with httpx.AsyncClient(base_url=service.base_url, timeout=10) as client:
+        # A 3 s sync prediction keeps uvicorn draining connections after SIGTERM.
+        sync = asyncio.create_task(client.post("/predict", json={"input": "3"}))
+        await asyncio.sleep(0.5)
+        service.signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        assert service.process is not None and service.process.poll() is None
+        assert _task_consumers(settings) == 0
+        response = await sync
+    assert response.json() == {"input": "3", "result": "3"}
+    assert await service.wait_exit() == -signal.SIGTERM
