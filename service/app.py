@@ -125,12 +125,22 @@ def _build_services(settings: Settings, predictor: Predictor, metrics: Metrics) 
 
 
 async def _run_broker_side(services: Services, stopping: asyncio.Event, on_fatal: OnFatal) -> None:
-    """Connect, replay the event stream, then consume tasks until stopping."""
+    """Connect, replay the event stream, then consume tasks until stopping.
+
+    Any failure here is fatal for the process: a replica that serves HTTP
+    without its worker would only look alive. The orchestrator restarts it.
+    """
     try:
         await services.broker.connect()
+        await _follow_and_consume(services, stopping)
     except BrokerUnavailable as exc:
         on_fatal(str(exc))
-        return
+    except Exception as exc:
+        log.exception("the broker side stopped unexpectedly")
+        on_fatal(f"the broker side stopped unexpectedly: {exc!r}")
+
+
+async def _follow_and_consume(services: Services, stopping: asyncio.Event) -> None:
     async with anyio.create_task_group() as followers:
         # The consumer waits for the replay: a redelivered task must see
         # any outcome already recorded for it, or it would run twice.
