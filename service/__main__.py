@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import sys
 from types import FrameType
 
@@ -56,7 +57,8 @@ def _build_server(settings: Settings) -> Server:
         lifespan="on",
         access_log=False,  # the app logs requests itself, with prediction ids
         log_config=None,  # keep the handlers configure_logging installed
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
+        # uvicorn reads None as "wait forever"; a 0 s grace must mean no wait.
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
         backlog=4096,
     )
     holder.append(Server(config, app.state.stopping))
