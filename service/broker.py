@@ -27,6 +27,7 @@ from typing import Any
 import aio_pika
 import aio_pika.abc
 import anyio
+from aio_pika.connection import make_url
 from yarl import URL
 
 from service.schemas import Event, json_encoder
@@ -234,9 +235,18 @@ async def _connect_with_retry(settings: Settings) -> aio_pika.abc.AbstractRobust
 
 
 async def _connect_once(settings: Settings) -> aio_pika.abc.AbstractRobustConnection:
-    with anyio.fail_after(max(settings.publish_timeout_s, 5)):
-        return await aio_pika.connect_robust(
-            settings.rabbitmq_url,
-            reconnect_interval=settings.broker_reconnect_interval_s,
-            client_properties={"connection_name": connection_name(settings)},
-        )
+    # Built by hand rather than with connect_robust(): a robust connection
+    # whose first attempt fails or is cancelled keeps a reconnect loop alive,
+    # and only the object we hold here can close it.
+    connection = aio_pika.RobustConnection(
+        make_url(settings.rabbitmq_url, reconnect_interval=settings.broker_reconnect_interval_s),
+        client_properties={"connection_name": connection_name(settings)},
+    )
+    try:
+        with anyio.fail_after(max(settings.publish_timeout_s, 5)):
+            await connection.connect()
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await connection.close()
+        raise
+    return connection
