@@ -90,6 +90,7 @@ def _predict_operation() -> dict[str, Any]:
 
 
 def _get_prediction_operation(max_wait_s: float) -> dict[str, Any]:
+    waited = {"Preference-Applied": _header_doc("`wait=N` when the request long-polled.")}
     return {
         "summary": "Read an async prediction",
         "operationId": "getPrediction",
@@ -102,14 +103,10 @@ def _get_prediction_operation(max_wait_s: float) -> dict[str, Any]:
             ),
         ],
         "responses": {
-            "200": _body(
-                "Done.",
-                PredictionResponse,
-                headers={"Preference-Applied": _header_doc("`wait=N` when long polling.")},
-            ),
-            "400": _error("Still being processed."),
-            "404": _error("No such prediction (or it expired)."),
-            "500": _error("The model failed for good."),
+            "200": _body("Done.", PredictionResponse, headers=waited),
+            "400": _error("Still being processed.", headers=waited),
+            "404": _error("No such prediction (or it expired).", headers=waited),
+            "500": _error("The model failed for good.", headers=waited),
         },
     }
 
