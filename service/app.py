@@ -67,7 +67,8 @@ def create_app(settings: Settings | None = None, *, on_fatal: OnFatal | None = N
         Route("/docs", docs.page, methods=["GET"]),
         Route("/docs/static/{name}", docs.asset, methods=["GET"]),
     ]
-    route_of = {route.endpoint: route.path for route in routes}
+    # Metrics label requests by route template as documented: /predict/{prediction_id}.
+    route_of = {route.endpoint: route.path_format for route in routes}
     stopping = asyncio.Event()
     app = Starlette(
         routes=routes,
@@ -109,7 +110,11 @@ def _lifespan(
 def _build_services(settings: Settings, predictor: Predictor, metrics: Metrics) -> Services:
     store = ResultStore(settings.result_ttl_s)
     runner = ModelRunner(predictor, settings.model_concurrency, metrics.model_latency.observe)
-    metrics.track(in_flight=lambda: runner.running, queue_depth=lambda: store.pending)
+    metrics.track(
+        in_flight=lambda: runner.running,
+        queue_depth=lambda: store.pending,
+        long_polls=lambda: store.waiting,
+    )
     broker = Broker(settings)
     journal = Journal(store, broker)
     consumer = TaskConsumer(

@@ -66,10 +66,20 @@ class Metrics:
             registry=registry,
         )
 
-    def track(self, in_flight: Callable[[], float], queue_depth: Callable[[], float]) -> None:
-        """Read the two gauges from live state at scrape time."""
+        self.long_polls = Gauge(
+            "long_polls_waiting", "GET requests parked by Prefer: wait", registry=registry
+        )
+
+    def track(
+        self,
+        in_flight: Callable[[], float],
+        queue_depth: Callable[[], float],
+        long_polls: Callable[[], float],
+    ) -> None:
+        """Read the gauges from live state at scrape time."""
         self.in_flight.set_function(in_flight)
         self.queue_depth.set_function(queue_depth)
+        self.long_polls.set_function(long_polls)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
