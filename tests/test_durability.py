@@ -174,13 +174,15 @@ async def test_a_task_that_keeps_crashing_its_worker_ends_dead_lettered_and_fail
     )
     service = ServiceProcess(settings)
     await service.start()
-    async with httpx.AsyncClient(base_url=service.base_url) as client:
-        prediction_id = await submit_async(client, "crash")
-    # Each start takes the task again and dies on it, until the broker gives up.
-    for _ in range(settings.max_attempts):
-        assert await service.wait_exit() == 3
-        await service.start(wait_ready=False)
     try:
+        async with httpx.AsyncClient(base_url=service.base_url) as client:
+            prediction_id = await submit_async(client, "crash")
+        # Every start takes the task again and dies on it, until the broker gives up.
+        for _ in range(settings.max_attempts - 1):
+            assert await service.wait_exit() == 3
+            await service.start(wait_ready=False)
+        assert await service.wait_exit() == 3
+        await service.start()
         async with httpx.AsyncClient(base_url=service.base_url) as client:
             response = await wait_finished(client, prediction_id)
             assert response.status_code == 500
