@@ -75,10 +75,10 @@ async def test_long_poll_on_another_replica_wakes_on_the_streamed_result(
         other = settings.with_changes(port=settings.port + 1)
         async with live_app(other) as second:
             prediction_id = await submit_async(first.client, "cross replica")
-            with anyio.fail_after(1):
+            with anyio.fail_after(5):
                 while (await second.client.get(f"/predict/{prediction_id}")).status_code == 404:
                     await asyncio.sleep(0.01)
-            with anyio.fail_after(3):
+            with anyio.fail_after(8):  # the wait itself is 10 s: a wake-up beats it
                 response = await second.client.get(
                     f"/predict/{prediction_id}", headers={"Prefer": "wait=10"}
                 )
