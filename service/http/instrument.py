@@ -49,8 +49,7 @@ class InstrumentMiddleware:
     def _record(self, scope: Scope, status: int, elapsed_s: float) -> None:
         route = self.route_of.get(scope.get("endpoint"), "unmatched")  # type: ignore[arg-type]
         method = scope["method"]
-        self.metrics.http_requests.labels(method, route, str(status)).inc()
-        self.metrics.http_latency.labels(method, route).observe(elapsed_s)
+        self.metrics.http.record(method, route, status, elapsed_s)
         if route not in QUIET_ROUTES and access_log.isEnabledFor(logging.INFO):
             prediction_id = scope.get("path_params", {}).get("prediction_id")
             access_log.info(
