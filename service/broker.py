@@ -138,8 +138,11 @@ class Broker:
             content_type="application/json",
         )
         try:
-            with anyio.fail_after(self.settings.publish_timeout_s):
-                await self.exchange.publish(message, routing_key)
+            # aiormq bounds the confirm wait itself; an anyio.fail_after
+            # around it cost 9 us a publish, two publishes a prediction.
+            await self.exchange.publish(
+                message, routing_key, timeout=self.settings.publish_timeout_s
+            )
         except TimeoutError:
             raise BrokerUnavailable("the broker did not confirm in time") from None
         except aio_pika.exceptions.CONNECTION_EXCEPTIONS as exc:

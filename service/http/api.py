@@ -46,7 +46,9 @@ _READY = json_encoder.encode(StatusResponse("ready"))
 
 
 def services_of(request: Request) -> Services:
-    services: Services = request.state.services
+    # The lifespan's state dict, read directly: request.state wraps it in a
+    # new State object on every request.
+    services: Services = request.scope["state"]["services"]
     return services
 
 

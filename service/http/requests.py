@@ -22,12 +22,18 @@ async def read_body(request: Request, limit_bytes: int) -> bytes:
         raise _too_large(limit_bytes)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ApiError(400, "The client went away before sending its body.")
+        chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > limit_bytes:
             raise _too_large(limit_bytes)
+        if not message.get("more_body", False):
+            # Most bodies arrive in one message: no list join needed.
+            return b"".join((*chunks, chunk)) if chunks else chunk
         chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def decode_predict_request(body: bytes) -> PredictRequest:
