@@ -154,9 +154,9 @@ class TaskConsumer:
             )
             if not last_attempt:
                 return None
-            self._metrics.failed.labels("async").inc()
+            self._metrics.failed_async.inc()
             return Failed(task.prediction_id, task.input, str(exc), time.time())
-        self._metrics.completed.labels("async").inc()
+        self._metrics.completed_async.inc()
         return Done(task.prediction_id, task.input, result, time.time())
 
 

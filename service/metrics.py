@@ -6,7 +6,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from itertools import accumulate
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
@@ -36,21 +36,24 @@ class Metrics:
             ["mode"],
             registry=registry,
         )
+        # Children bound once: labels() looks the label set up under a lock.
+        self.completed_sync = self.completed.labels("sync")
+        self.completed_async = self.completed.labels("async")
         self.failed = Counter(
             "predictions_failed", "Predictions that failed", ["mode"], registry=registry
         )
+        self.failed_sync = self.failed.labels("sync")
+        self.failed_async = self.failed.labels("async")
         self.dead_lettered = Counter(
             "tasks_dead_lettered",
             "Task messages set aside to the dead-letter queue",
             ["reason"],
             registry=registry,
         )
-        self.model_latency = Histogram(
-            "model_latency_seconds",
-            "Time the model took per prediction",
-            buckets=MODEL_BUCKETS_S,
-            registry=registry,
+        self.model_latency = LatencyCollector(
+            "model_latency_seconds", "Time the model took per prediction", MODEL_BUCKETS_S
         )
+        registry.register(self.model_latency)
         self.in_flight = Gauge(
             "predictions_in_flight", "Predictions running in the model now", registry=registry
         )
@@ -59,7 +62,6 @@ class Metrics:
             "Accepted predictions without an outcome yet, as this replica knows them",
             registry=registry,
         )
-
         self.long_polls = Gauge(
             "long_polls_waiting", "GET requests parked by Prefer: wait", registry=registry
         )
@@ -79,6 +81,42 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class LatencyHistogram:
+    """A Prometheus-style histogram as a list of counts; no lock, no label lookup."""
+
+    __slots__ = ("bounds", "counts", "sum_s")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum_s = 0.0
+
+    def observe(self, seconds: float) -> None:
+        # bisect_left: a value equal to a bound belongs to that bound's bucket.
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.sum_s += seconds
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        # Same "le" spelling as prometheus_client's own histograms ("60.0").
+        bounds = [*map(floatToGoString, self.bounds), "+Inf"]
+        return list(zip(bounds, accumulate(self.counts), strict=True))
+
+
+class LatencyCollector(Collector):
+    """One unlabelled histogram, exposed at scrape time."""
+
+    def __init__(self, name: str, documentation: str, bounds: tuple[float, ...]) -> None:
+        self._name = name
+        self._documentation = documentation
+        self.histogram = LatencyHistogram(bounds)
+        self.observe = self.histogram.observe
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=[])
+        family.add_metric([], self.histogram.cumulative(), self.histogram.sum_s)
+        yield family
+
+
 class HttpStats(Collector):
     """Request counts and latencies, kept in plain dicts and exposed at scrape time.
 
@@ -88,36 +126,29 @@ class HttpStats(Collector):
     """
 
     def __init__(self) -> None:
-        self._counts: dict[tuple[str, str, str], int] = {}
-        # (method, route) -> [bucket counts..., +Inf count, sum of seconds]
-        self._latency: dict[tuple[str, str], list[float]] = {}
+        self._counts: dict[tuple[str, str, int], int] = {}
+        self._latency: dict[tuple[str, str], LatencyHistogram] = {}
 
     def record(self, method: str, route: str, status: int, elapsed_s: float) -> None:
-        key = (method, route, str(status))
+        key = (method, route, status)
         self._counts[key] = self._counts.get(key, 0) + 1
-        series = self._latency.get((method, route))
-        if series is None:
-            series = self._latency[(method, route)] = [0.0] * (len(HTTP_BUCKETS_S) + 2)
-        series[bisect_left(HTTP_BUCKETS_S, elapsed_s)] += 1
-        series[-1] += elapsed_s
+        histogram = self._latency.get((method, route))
+        if histogram is None:
+            histogram = self._latency[(method, route)] = LatencyHistogram(HTTP_BUCKETS_S)
+        histogram.observe(elapsed_s)
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
             "http_requests", "HTTP requests answered", labels=["method", "route", "status"]
         )
-        for labels, count in self._counts.items():
-            requests.add_metric(list(labels), count)
+        for (method, route, status), count in self._counts.items():
+            requests.add_metric([method, route, str(status)], count)
         yield requests
         latency = HistogramMetricFamily(
             "http_request_duration_seconds",
             "Time to answer an HTTP request",
             labels=["method", "route"],
         )
-        # Same "le" spelling as prometheus_client's own histograms ("60.0").
-        bounds = [*map(floatToGoString, HTTP_BUCKETS_S), "+Inf"]
-        for route_labels, series in self._latency.items():
-            cumulative = list(accumulate(series[:-1]))
-            latency.add_metric(
-                list(route_labels), list(zip(bounds, cumulative, strict=True)), series[-1]
-            )
+        for route_labels, histogram in self._latency.items():
+            latency.add_metric(list(route_labels), histogram.cumulative(), histogram.sum_s)
         yield latency

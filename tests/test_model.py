@@ -4,30 +4,53 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import anyio
 import pytest
 
-from service.model import ModelError, ModelRunner, _mock_delay_s, load_predictor, mock_predict
+from service.model import MockModel, ModelError, ModelRunner, load_predictor
 from service.settings import ConfigError, Settings
 from tests.support import live_app, settings_for_test, submit_async, wait_finished
 
 
 def test_whole_delay_bounds_give_whole_seconds_in_range() -> None:
-    delays = {_mock_delay_s(10, 17) for _ in range(500)}
-    assert delays == set(range(10, 18))
+    model = MockModel(10, 17)
+    delays = [model.delay_s() for _ in range(2000)]
+    assert set(delays) == set(range(10, 18))
+    assert all(float(d).is_integer() for d in delays)
 
 
 def test_fractional_delay_bounds_give_fractions_in_range() -> None:
-    delays = [_mock_delay_s(0.05, 0.2) for _ in range(500)]
+    model = MockModel(0.05, 0.2)
+    delays = [model.delay_s() for _ in range(500)]
     assert all(0.05 <= d <= 0.2 for d in delays)
     assert len(set(delays)) > 100
 
 
 async def test_mock_answers_an_integer_from_1000_to_20000() -> None:
-    results = [int(await mock_predict("x", delay_min_s=0, delay_max_s=0)) for _ in range(300)]
-    assert all(1000 <= r <= 20000 for r in results)
-    assert len(set(results)) > 200
+    model = MockModel(0, 0)
+    results = [int(await model("x")) for _ in range(100_000)]
+    assert min(results) == 1000 and max(results) == 20000  # both ends are reachable
+    assert len(set(results)) > 18_000
+
+
+async def test_mock_waits_its_delay_with_the_event_loop_free() -> None:
+    model = MockModel(0.2, 0.2)
+    started_s = time.perf_counter()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    await model("x")
+    task.cancel()
+    assert time.perf_counter() - started_s >= 0.2
+    assert ticks >= 10  # the loop kept running while the mock waited
 
 
 def test_defaults_keep_the_briefs_10_to_17_seconds() -> None:

@@ -56,17 +56,17 @@ async def predict(request: Request) -> Response:
     services = services_of(request)
     body = await read_body(request, services.settings.max_body_bytes)
     payload = decode_predict_request(body)
-    if wants_async(request.headers):
+    if wants_async(request):
         response = await _accept(services, payload.input)
-        if "respond-async" in preferences(request.headers):
+        if "respond-async" in preferences(request):
             response.headers["Preference-Applied"] = "respond-async"
         return response
     try:
         result = await services.runner.predict(payload.input)
     except ModelError as exc:
-        services.metrics.failed.labels("sync").inc()
+        services.metrics.failed_sync.inc()
         raise ApiError(500, f"Prediction failed: {exc}") from None
-    services.metrics.completed.labels("sync").inc()
+    services.metrics.completed_sync.inc()
     return JsonResponse(PredictResponse(payload.input, result))
 
 
@@ -92,7 +92,7 @@ async def _accept(services: Services, input: str) -> Response:
 async def get_prediction(request: Request) -> Response:
     services = services_of(request)
     prediction_id: str = request.path_params["prediction_id"]
-    wait_s = requested_wait_s(request.headers, services.settings.max_wait_s)
+    wait_s = requested_wait_s(request, services.settings.max_wait_s)
     if wait_s is None:
         entry = await services.store.get(prediction_id)
         return _prediction_response(prediction_id, entry)
