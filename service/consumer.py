@@ -119,7 +119,7 @@ class TaskConsumer:
             await _settle(message.nack(requeue=True))
 
     async def _process(self, task: Accepted, message: MessageT) -> None:
-        known = await self._journal.store.get(task.prediction_id)
+        known = self._journal.store.get(task.prediction_id)
         if known is not None and known.finished:
             # Redelivered after its outcome was recorded: publish the outcome
             # again (it may never have reached the stream) and do not rerun.

@@ -68,12 +68,14 @@ class ResultStore:
             self._wake(event.prediction_id)
         return changed
 
-    async def get(self, prediction_id: str) -> Prediction | None:
-        async with self._lock:
-            entry = self._entries.get(prediction_id)
-            if entry is not None and self._expired(entry.updated_at_s):
-                return None
-            return entry
+    def get(self, prediction_id: str) -> Prediction | None:
+        # Writers hold the lock; a read needs none: it never awaits, so on
+        # one event loop no write can interleave with it. (This is the
+        # hottest call of a GET.)
+        entry = self._entries.get(prediction_id)
+        if entry is not None and self._expired(entry.updated_at_s):
+            return None
+        return entry
 
     async def forget_pending(self, prediction_id: str) -> None:
         """Drop an accepted prediction whose task never reached the broker."""
@@ -89,7 +91,7 @@ class ResultStore:
         The waiter is a bare future resolved by `apply`: nothing polls, so a
         thousand waiting requests cost a thousand futures and no CPU.
         """
-        entry = await self.get(prediction_id)
+        entry = self.get(prediction_id)
         if entry is None or entry.finished or self._closed or timeout_s <= 0:
             return entry
         future = asyncio.get_running_loop().create_future()
@@ -99,7 +101,7 @@ class ResultStore:
                 await future
         finally:
             self._discard_waiter(prediction_id, future)
-        return await self.get(prediction_id)
+        return self.get(prediction_id)
 
     def release_waiters(self) -> None:
         """Answer every long poll now (shutdown must not wait for them)."""

@@ -22,10 +22,10 @@ class Clock:
 async def test_accepted_then_done_reads_pending_then_result() -> None:
     store = ResultStore(ttl_s=60)
     assert await store.apply(Accepted("p1", "in", at_s=_now()))
-    entry = await store.get("p1")
+    entry = store.get("p1")
     assert entry is not None and not entry.finished
     assert await store.apply(Done("p1", "in", "123", at_s=_now()))
-    entry = await store.get("p1")
+    entry = store.get("p1")
     assert entry is not None and entry.result == "123"
     assert store.pending == 0
 
@@ -37,7 +37,7 @@ async def test_duplicates_never_flip_or_change_a_finished_prediction() -> None:
     assert not await store.apply(Accepted("p1", "in", at_s=_now()))
     assert not await store.apply(Done("p1", "in", "second", at_s=_now()))
     assert not await store.apply(Failed("p1", "in", "late failure", at_s=_now()))
-    entry = await store.get("p1")
+    entry = store.get("p1")
     assert entry is not None and (entry.result, entry.error) == ("first", None)
 
 
@@ -45,7 +45,7 @@ async def test_an_outcome_without_its_accepted_event_is_kept() -> None:
     # Retention may drop the older "accepted" event before the outcome.
     store = ResultStore(ttl_s=60)
     await store.apply(Failed("p1", "in", "boom", at_s=_now()))
-    entry = await store.get("p1")
+    entry = store.get("p1")
     assert entry is not None and entry.error == "boom"
     assert store.pending == 0
 
@@ -58,8 +58,8 @@ async def test_entries_expire_after_the_ttl_and_are_evicted() -> None:
     clock.now_s += 5
     await store.apply(Accepted("newer", "in", at_s=clock.now_s))
     clock.now_s += 6
-    assert await store.get("old") is None
-    assert await store.get("newer") is not None
+    assert store.get("old") is None
+    assert store.get("newer") is not None
     await store.apply(Accepted("newest", "in", at_s=clock.now_s))
     assert len(store) == 2  # "old" was evicted, not just hidden
     assert store.pending == 2
@@ -69,7 +69,7 @@ async def test_events_older_than_the_ttl_are_ignored_on_replay() -> None:
     clock = Clock()
     store = ResultStore(ttl_s=10, clock=clock)
     assert not await store.apply(Done("ancient", "in", "1", at_s=clock.now_s - 11))
-    assert await store.get("ancient") is None
+    assert store.get("ancient") is None
 
 
 async def test_markers_do_not_touch_the_mapping() -> None:
@@ -83,10 +83,10 @@ async def test_forget_pending_keeps_finished_entries() -> None:
     await store.apply(Accepted("p1", "in", at_s=_now()))
     await store.apply(Done("p1", "in", "1", at_s=_now()))
     await store.forget_pending("p1")
-    assert await store.get("p1") is not None
+    assert store.get("p1") is not None
     await store.apply(Accepted("p2", "in", at_s=_now()))
     await store.forget_pending("p2")
-    assert await store.get("p2") is None
+    assert store.get("p2") is None
     assert store.pending == 0
 
 

@@ -94,7 +94,7 @@ async def get_prediction(request: Request) -> Response:
     prediction_id: str = request.path_params["prediction_id"]
     wait_s = requested_wait_s(request, services.settings.max_wait_s)
     if wait_s is None:
-        entry = await services.store.get(prediction_id)
+        entry = services.store.get(prediction_id)
         return _prediction_response(prediction_id, entry)
     entry = await services.store.wait_finished(prediction_id, wait_s)
     response = _prediction_response(prediction_id, entry)

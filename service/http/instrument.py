@@ -44,23 +44,23 @@ class InstrumentMiddleware:
         try:
             await self.app(scope, receive, send_and_note_status)
         finally:
-            self._record(scope, status, time.perf_counter() - started_s)
+            elapsed_s = time.perf_counter() - started_s
+            route = self.route_of.get(scope.get("endpoint"), "unmatched")  # type: ignore[arg-type]
+            self.metrics.http.record(scope["method"], route, status, elapsed_s)
+            if route not in QUIET_ROUTES and access_log.isEnabledFor(logging.INFO):
+                _log_access(scope, status, elapsed_s)
 
-    def _record(self, scope: Scope, status: int, elapsed_s: float) -> None:
-        route = self.route_of.get(scope.get("endpoint"), "unmatched")  # type: ignore[arg-type]
-        method = scope["method"]
-        self.metrics.http.record(method, route, status, elapsed_s)
-        if route not in QUIET_ROUTES and access_log.isEnabledFor(logging.INFO):
-            prediction_id = scope.get("path_params", {}).get("prediction_id")
-            access_log.info(
-                "%s %s %d %.1f ms",
-                method,
-                scope["path"],
-                status,
-                elapsed_s * 1000,
-                extra={
-                    "http_status": status,
-                    "duration_ms": round(elapsed_s * 1000, 2),
-                    "prediction_id": prediction_id,
-                },
-            )
+
+def _log_access(scope: Scope, status: int, elapsed_s: float) -> None:
+    access_log.info(
+        "%s %s %d %.1f ms",
+        scope["method"],
+        scope["path"],
+        status,
+        elapsed_s * 1000,
+        extra={
+            "http_status": status,
+            "duration_ms": round(elapsed_s * 1000, 2),
+            "prediction_id": scope.get("path_params", {}).get("prediction_id"),
+        },
+    )

@@ -9,12 +9,22 @@ from starlette.responses import Response
 
 from service.schemas import ErrorResponse, json_encoder
 
+JSON_CONTENT_TYPE = (b"content-type", b"application/json")
+
 
 class JsonResponse(Response):
     media_type = "application/json"
 
     def render(self, content: Any) -> bytes:
         return content if isinstance(content, bytes) else json_encoder.encode(content)
+
+    def init_headers(self, headers: Mapping[str, str] | None = None) -> None:
+        if headers:
+            super().init_headers(headers)
+            return
+        # The common case, without the general method's checks: a JSON body
+        # needs its length and type, nothing else.
+        self.raw_headers = [(b"content-length", b"%d" % len(self.body)), JSON_CONTENT_TYPE]
 
 
 def error_response(
