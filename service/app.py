@@ -10,7 +10,6 @@ predictions and /healthz work while the broker is still coming up, and
 from __future__ import annotations
 
 import asyncio
-import gc
 import importlib.metadata
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -98,9 +97,6 @@ def _lifespan(
             tg.start_soon(_run_broker_side, services, stopping, on_fatal)
             tg.start_soon(_release_waiters_when, stopping, services.store)
             try:
-                # Everything built so far lives as long as the process: keep
-                # the collector from re-walking it on every full collection.
-                gc.freeze()
                 yield {"services": services}
             finally:
                 stopping.set()
