@@ -211,7 +211,6 @@ async def _delete_namespace(rabbitmq_url: str, names: Names, extra_queues: Seque
     connection = await aio_pika.connect(rabbitmq_url, timeout=5)
     async with connection:
         channel = await connection.channel()
-        for queue in (names.tasks, names.events, names.dead, *extra_queues):
+        await names.delete(channel)
+        for queue in extra_queues:
             await channel.queue_delete(queue)
-        for exchange in (names.exchange, names.dead):
-            await channel.exchange_delete(exchange)

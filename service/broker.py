@@ -57,6 +57,13 @@ class Names:
     def for_namespace(cls, namespace: str) -> Names:
         return cls(namespace, f"{namespace}.tasks", f"{namespace}.events", f"{namespace}.dead")
 
+    async def delete(self, channel: aio_pika.abc.AbstractChannel) -> None:
+        """Remove every queue and exchange of this namespace (tests and benchmarks clean up)."""
+        for queue in (self.tasks, self.events, self.dead):
+            await channel.queue_delete(queue)
+        for exchange in (self.exchange, self.dead):
+            await channel.exchange_delete(exchange)
+
 
 def connection_name(settings: Settings) -> str:
     """How this service's connections appear in `rabbitmqctl list_connections`."""

@@ -154,11 +154,7 @@ async def delete_namespace(settings: Settings) -> None:
     with contextlib.suppress(Exception):
         connection = await aio_pika.connect(settings.rabbitmq_url, timeout=5)
         async with connection:
-            channel = await connection.channel()
-            for queue in (names.tasks, names.events, names.dead):
-                await channel.queue_delete(queue)
-            for exchange in (names.exchange, names.dead):
-                await channel.exchange_delete(exchange)
+            await names.delete(await connection.channel())
 
 
 async def dead_letters(settings: Settings, expected: int, timeout_s: float = 20) -> list[bytes]:
