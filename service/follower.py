@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aio_pika.abc
@@ -56,6 +57,15 @@ class EventFollower:
         self, task_status: anyio.abc.TaskStatus[None] | None
     ) -> None:
         queue = self._broker.events_queue
+        # A channel error closes the event channel alone; aio-pika reopens
+        # it, but without this consumer, so it counts as a disconnection.
+        channel_closed = asyncio.Event()
+
+        def on_channel_closed(*_: Any) -> None:
+            channel_closed.set()
+
+        channel = self._broker.events_channel
+        channel.close_callbacks.add(on_channel_closed)
         # Not a robust consumer: aio-pika would restore it from the first
         # offset again; this loop resumes it from where it stopped instead.
         consumer_tag = await queue.consume(
@@ -65,8 +75,9 @@ class EventFollower:
             await self._catch_up()
             if task_status is not None:
                 task_status.started()
-            await self._broker.wait_down()
+            await _first_of(self._broker.wait_down, channel_closed.wait)
         finally:
+            channel.close_callbacks.discard(on_channel_closed)
             with anyio.CancelScope(shield=True), anyio.move_on_after(1):
                 await _quietly(queue.cancel(consumer_tag))
 
@@ -125,6 +136,18 @@ def _decode(message: MessageT) -> Event | None:
             event.at_s,
         )
     return event
+
+
+async def _first_of(*waits: Callable[[], Awaitable[object]]) -> None:
+    """Return as soon as any of the waits returns."""
+    async with anyio.create_task_group() as group:
+
+        async def wait_then_stop(wait: Callable[[], Awaitable[object]]) -> None:
+            await wait()
+            group.cancel_scope.cancel()
+
+        for wait in waits:
+            group.start_soon(wait_then_stop, wait)
 
 
 async def _quietly(awaitable: Any) -> None:

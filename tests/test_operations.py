@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -197,3 +198,20 @@ async def test_readyz_answers_503_while_the_broker_connection_is_down(rabbitmq_u
         with anyio.fail_after(10):
             while (await live.client.get("/readyz")).status_code != 200:
                 await asyncio.sleep(0.05)
+
+
+async def test_follower_resumes_after_its_channel_alone_is_closed(rabbitmq_url: str) -> None:
+    settings = settings_for_test(rabbitmq_url)
+    async with live_app(settings) as first:
+        other = settings.with_changes(port=settings.port + 1)
+        async with live_app(other) as second:
+            # A channel error (here: a passive declare of a missing exchange)
+            # closes only the event channel; the connection stays up.
+            with contextlib.suppress(Exception):
+                await second.services.broker.events_channel.declare_exchange(
+                    "no-such-exchange", passive=True
+                )
+            prediction_id = await submit_async(first.client, "after the channel error")
+            with anyio.fail_after(15):
+                while (await second.client.get(f"/predict/{prediction_id}")).status_code != 200:
+                    await asyncio.sleep(0.05)
