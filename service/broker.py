@@ -125,10 +125,6 @@ class Broker:
     def is_up(self) -> bool:
         return self._up.is_set() and not self.tasks_channel.is_closed
 
-    @property
-    def connection(self) -> aio_pika.abc.AbstractRobustConnection | None:
-        return self._connection
-
     async def wait_up(self) -> None:
         await self._up.wait()
 
