@@ -34,7 +34,7 @@ import msgspec
 import uvloop
 
 from service.broker import EVENT_KEY, TASK_KEY, Broker
-from service.schemas import Accepted, Done, event_decoder, json_encoder, task_decoder
+from service.schemas import Accepted, Done, json_encoder, message_decoder, task_decoder
 from service.settings import Settings
 
 MessageT = aio_pika.abc.AbstractIncomingMessage
@@ -116,7 +116,7 @@ async def _durable_traffic(broker: Broker, count: int, concurrency: int) -> floa
         await message.ack()
 
     async def on_event(message: MessageT) -> None:
-        if isinstance(event_decoder.decode(message.body), Done):
+        if isinstance(message_decoder.decode(message.body), Done):
             outcomes.tick()
         if next(unacked) % STREAM_ACK_BATCH == 0 or outcomes.finished.is_set():
             await message.ack(multiple=True)

@@ -7,12 +7,16 @@ all inside the vhost that RABBITMQ_URL names:
                                |--"task"--> predictions.tasks   (quorum work queue)
                                '--"task", "event"--> predictions.events (stream)
     worker outcome --"event"--> [predictions] --> predictions.events
+    worker puts a task back --"retry"--> [predictions] --> predictions.tasks
     predictions.tasks --dead letters--> [predictions.dead] fanout
                                |--> predictions.dead    (quorum, for operators)
                                '--> predictions.events  (so replicas see the failure)
 
 A task is published once and reaches both the work queue and the event
 stream, so "accepted" is on record the moment the broker confirms it.
+Tasks accepted together travel as one message (service/outbox.py); a
+worker splits such a batch back into tasks of their own when it cannot or
+should not run it whole, and those go to the work queue only.
 """
 
 from __future__ import annotations
@@ -30,13 +34,14 @@ import anyio
 from aio_pika.connection import make_url
 from yarl import URL
 
-from service.schemas import Event, json_encoder
+from service.schemas import Message, json_encoder
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 TASK_KEY = "task"  # routes to the work queue and the stream
 EVENT_KEY = "event"  # routes to the stream only
+RETRY_KEY = "retry"  # routes to the work queue only: tasks a worker puts back
 # Retention deletes whole stream segments; small ones keep replay short.
 STREAM_SEGMENT_BYTES = 8 * 1024 * 1024
 CONNECT_BACKOFF_MAX_S = 5.0
@@ -131,7 +136,7 @@ class Broker:
     async def wait_down(self) -> None:
         await self._down.wait()
 
-    async def publish(self, event: Event, routing_key: str) -> None:
+    async def publish(self, event: Message, routing_key: str) -> None:
         """Publish persistently and wait for the broker's confirm."""
         if not self.is_up:
             raise BrokerUnavailable("not connected to the broker")
@@ -170,7 +175,8 @@ class Broker:
         self.tasks_queue = await channel.declare_queue(
             names.tasks, durable=True, arguments=_work_queue_arguments(names, settings)
         )
-        await self.tasks_queue.bind(self.exchange, TASK_KEY)
+        for key in (TASK_KEY, RETRY_KEY):
+            await self.tasks_queue.bind(self.exchange, key)
         self.events_queue = await self.events_channel.declare_queue(
             names.events, durable=True, arguments=_stream_arguments(settings)
         )

@@ -1,9 +1,16 @@
 """The worker: takes tasks from the work queue and records their outcome.
 
-A task is acked only once its outcome is in the mapping and confirmed on
-the event stream. A model failure is retried (requeued) until the task's
-last attempt, then recorded as failed and rejected into the dead-letter
-queue. A message that cannot be decoded is rejected there at once.
+A message carries one task or a batch of tasks accepted together. It is
+acked only once every task in it has its outcome in the mapping and
+confirmed on the event stream, or has been put back on the work queue.
+
+A lone task whose model fails is requeued until its last attempt, then
+recorded as failed and rejected into the dead-letter queue. A batch never
+makes its tasks share a fate: a task that fails in one, the tasks beyond
+this replica's free model slots, and every task of a batch that comes
+back after a crash are put back as messages of their own, carrying the
+attempts they have spent. A message that cannot be decoded is rejected
+into the dead-letter queue at once.
 """
 
 from __future__ import annotations
@@ -11,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import aio_pika.abc
@@ -18,11 +27,11 @@ import anyio
 import anyio.abc
 import msgspec
 
-from service.broker import Broker, BrokerUnavailable
+from service.broker import RETRY_KEY, Broker, BrokerUnavailable
 from service.journal import Journal, outcome_of
 from service.metrics import Metrics
 from service.model import ModelError, ModelRunner
-from service.schemas import Accepted, Done, Failed, Outcome, task_decoder
+from service.schemas import Accepted, Done, Failed, Outcome, TaskBatch, task_decoder
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +55,8 @@ class TaskConsumer:
         self._metrics = metrics
         self._max_attempts = max_attempts
         self._shutdown_grace_s = shutdown_grace_s
-        self._handling = 0
+        self._handling = 0  # messages
+        self._holding = 0  # their tasks taken to run here
         self._idle = asyncio.Event()
         self._idle.set()
         self._drained = asyncio.Event()
@@ -105,44 +115,84 @@ class TaskConsumer:
 
     async def _handle(self, message: MessageT) -> None:
         try:
-            task = task_decoder.decode(message.body)
+            tasks = _tasks_in(task_decoder.decode(message.body))
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             log.warning("dead-lettering an undecodable task message: %s", exc)
             self._metrics.dead_lettered.labels("undecodable").inc()
             await _settle(message.reject(requeue=False))
             return
+        redeliveries = _redeliveries(message)
         try:
-            await self._process(task, message)
+            if len(tasks) > 1 and redeliveries:
+                # A batch came back, so one of its tasks may be what stopped
+                # the last worker. Apart, each counts its own attempts and a
+                # task that keeps crashing workers is dead-lettered alone.
+                spent = [_charged(task, task.attempts + redeliveries) for task in tasks]
+                await self._put_back(spent)
+                await _settle(message.ack())
+                return
+            now, later = self._share(tasks)
+            if later:
+                # More than this replica has model slots for: let another take them.
+                await self._put_back([TaskBatch(later)] if len(later) > 1 else later)
+            await self._process(now, message, redeliveries, alone=len(tasks) == 1)
         except BrokerUnavailable as exc:
-            # The outcome is in the mapping; a redelivery publishes it again.
-            log.warning("could not record %s: %s", task.prediction_id, exc)
+            # Outcomes are in the mapping; a redelivery publishes them again.
+            log.warning("could not record the outcome of a task message: %s", exc)
             await _settle(message.nack(requeue=True))
 
-    async def _process(self, task: Accepted, message: MessageT) -> None:
+    def _share(self, tasks: list[Accepted]) -> tuple[list[Accepted], list[Accepted]]:
+        """The tasks to run here now (at least one), and those to put back."""
+        free = max(1, self._broker.settings.model_concurrency - self._holding)
+        return tasks[:free], tasks[free:]
+
+    async def _put_back(self, messages: Sequence[Accepted | TaskBatch]) -> None:
+        """Publish to the work queue alone: the stream already has these tasks."""
+        await asyncio.gather(*(self._broker.publish(m, RETRY_KEY) for m in messages))
+
+    async def _process(
+        self, tasks: list[Accepted], message: MessageT, redeliveries: int, *, alone: bool
+    ) -> None:
+        self._holding += len(tasks)
+        try:
+            steps = await asyncio.gather(*(self._step(t, redeliveries, alone) for t in tasks))
+        finally:
+            self._holding -= len(tasks)
+        outcomes = [step.outcome for step in steps if step.outcome is not None]
+        if outcomes:
+            await self._journal.record(outcomes)
+        if alone:
+            await self._settle_alone(steps[0], message)
+            return
+        retries = [step.retry for step in steps if step.retry is not None]
+        if retries:
+            await self._put_back(retries)
+        await _settle(message.ack())
+
+    async def _settle_alone(self, step: _Step, message: MessageT) -> None:
+        if step.retry is not None:
+            # Requeued: the broker counts the attempt in x-delivery-count.
+            await _settle(message.nack(requeue=True))
+        elif step.gave_up:
+            self._metrics.dead_lettered.labels("model_failed").inc()
+            await _settle(message.reject(requeue=False))
+        else:
+            await _settle(message.ack())
+
+    async def _step(self, task: Accepted, redeliveries: int, alone: bool) -> _Step:
+        """Run one task, unless its outcome is known or its attempts are used up."""
         known = self._journal.store.get(task.prediction_id)
         if known is not None and known.finished:
             # Redelivered after its outcome was recorded: publish the outcome
             # again (it may never have reached the stream) and do not rerun.
-            await self._journal.record(outcome_of(task.prediction_id, known))
-            await _settle(message.ack())
-            return
-        attempt = _attempt(message)
-        outcome = await self._predict(task, last_attempt=attempt >= self._max_attempts)
-        if outcome is None:
-            await _settle(message.nack(requeue=True))
-            return
-        await self._journal.record(outcome)
-        extra = {"prediction_id": task.prediction_id}
-        if isinstance(outcome, Done):
-            log.info("prediction done", extra=extra)
-            await _settle(message.ack())
-        else:
-            log.warning("prediction failed after %d attempt(s)", attempt, extra=extra)
-            self._metrics.dead_lettered.labels("model_failed").inc()
-            await _settle(message.reject(requeue=False))
-
-    async def _predict(self, task: Accepted, *, last_attempt: bool) -> Outcome | None:
-        """The outcome to record, or None to retry the task."""
+            return _Step(outcome=outcome_of(task.prediction_id, known))
+        attempt = task.attempts + redeliveries + 1
+        if attempt > self._max_attempts:
+            # Used up on earlier deliveries that ended without an outcome
+            # (a crashed worker) or after a batch put the task back.
+            spent = attempt - 1
+            error = task.last_error or f"the worker stopped during each of {spent} attempts"
+            return self._give_up(task, spent, error)
         try:
             result = await self._runner.predict(task.input)
         except ModelError as exc:
@@ -152,18 +202,49 @@ class TaskConsumer:
                 exc,
                 extra={"prediction_id": task.prediction_id},
             )
-            if not last_attempt:
-                return None
-            self._metrics.failed_async.inc()
-            return Failed(task.prediction_id, task.input, str(exc), time.time())
+            if not alone:
+                # Back on the work queue as a task of its own, one attempt spent.
+                return _Step(retry=_charged(task, attempt, str(exc)))
+            if attempt >= self._max_attempts:
+                return self._give_up(task, attempt, str(exc))
+            return _Step(retry=task)
         self._metrics.completed_async.inc()
-        return Done(task.prediction_id, task.input, result, time.time())
+        log.info("prediction done", extra={"prediction_id": task.prediction_id})
+        return _Step(outcome=Done(task.prediction_id, task.input, result, time.time()))
+
+    def _give_up(self, task: Accepted, attempts: int, error: str) -> _Step:
+        log.warning(
+            "prediction failed after %d attempt(s)",
+            attempts,
+            extra={"prediction_id": task.prediction_id},
+        )
+        self._metrics.failed_async.inc()
+        failed = Failed(task.prediction_id, task.input, error, time.time())
+        return _Step(outcome=failed, gave_up=True)
 
 
-def _attempt(message: MessageT) -> int:
-    # Quorum queues count earlier deliveries in x-delivery-count.
+@dataclass(frozen=True)
+class _Step:
+    """What became of one task of a message."""
+
+    outcome: Outcome | None = None  # to record
+    retry: Accepted | None = None  # to run again later
+    gave_up: bool = False  # failed for good on this delivery
+
+
+def _tasks_in(message: Accepted | TaskBatch) -> list[Accepted]:
+    return message.tasks if isinstance(message, TaskBatch) else [message]
+
+
+def _charged(task: Accepted, spent: int, last_error: str = "") -> Accepted:
+    """The task with `spent` attempts used, to go back on the work queue alone."""
+    return msgspec.structs.replace(task, attempts=spent, last_error=last_error or task.last_error)
+
+
+def _redeliveries(message: MessageT) -> int:
+    # Quorum queues count earlier deliveries of this message in x-delivery-count.
     previous: Any = (message.headers or {}).get("x-delivery-count", 0)
-    return (previous if isinstance(previous, int) else 0) + 1
+    return previous if isinstance(previous, int) else 0
 
 
 async def _settle(acknowledgement: Any) -> None:

@@ -22,7 +22,7 @@ import anyio.abc
 import msgspec
 
 from service.broker import EVENT_KEY, Broker, BrokerUnavailable
-from service.schemas import Accepted, Event, Failed, Marker, event_decoder
+from service.schemas import Accepted, Event, Failed, Marker, events_of, message_decoder
 from service.store import ResultStore
 
 log = logging.getLogger(__name__)
@@ -96,12 +96,11 @@ class EventFollower:
         offset = (message.headers or {}).get("x-stream-offset")
         if isinstance(offset, int):
             self._next_offset = offset + 1
-        event = _decode(message)
-        if isinstance(event, Marker):
-            if event.marker_id == self._marker_id:
+        events = _decode(message)
+        for event in events:
+            if isinstance(event, Marker) and event.marker_id == self._marker_id:
                 self.caught_up.set()
-        elif event is not None:
-            await self._store.apply(event)
+        await self._store.apply_many(events)
         await self._ack(message)
 
     async def _ack(self, message: MessageT) -> None:
@@ -117,25 +116,25 @@ class EventFollower:
         return max(1, self._broker.settings.stream_prefetch // 4)
 
 
-def _decode(message: MessageT) -> Event | None:
+def _decode(message: MessageT) -> list[Event]:
     try:
-        event: Event = event_decoder.decode(message.body)
+        events = events_of(message_decoder.decode(message.body))
     except (msgspec.DecodeError, UnicodeDecodeError):
-        return None  # a poison task copied here by dead-lettering; the DLQ has it
-    headers = message.headers or {}
-    reason = headers.get("x-first-death-reason")
-    if isinstance(event, Accepted) and reason is not None:
-        # The broker gave up on this task (its delivery limit, most often
-        # because it kept crashing its worker): it failed for good. Streams
-        # keep the x-first-death-* headers of a dead letter, not x-death.
-        reason_text = reason.decode() if isinstance(reason, bytes) else str(reason)
-        return Failed(
-            event.prediction_id,
-            event.input,
-            f"task was set aside by the broker ({reason_text})",
-            event.at_s,
-        )
-    return event
+        return []  # a poison task copied here by dead-lettering; the DLQ has it
+    reason = (message.headers or {}).get("x-first-death-reason")
+    if reason is None:
+        return events
+    # The broker gave up on these tasks (its delivery limit, most often
+    # because one kept crashing its worker): they failed for good. Streams
+    # keep the x-first-death-* headers of a dead letter, not x-death.
+    reason_text = reason.decode() if isinstance(reason, bytes) else str(reason)
+    error = f"task was set aside by the broker ({reason_text})"
+    return [
+        Failed(event.prediction_id, event.input, error, event.at_s)
+        if isinstance(event, Accepted)
+        else event
+        for event in events
+    ]
 
 
 async def _first_of(*waits: Callable[[], Awaitable[object]]) -> None:

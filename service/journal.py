@@ -2,12 +2,16 @@
 
 Events are applied locally first, so the replica that made one answers
 for it at once, and then published with a confirm, so every other replica
-(and this one after a restart) reads it back from the stream.
+(and this one after a restart) reads it back from the stream. Both kinds
+go through an `Outbox`, so events made in the same instant share a message.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from service.broker import EVENT_KEY, TASK_KEY, Broker
+from service.outbox import Outbox
 from service.schemas import Accepted, Done, Failed, Outcome
 from service.store import Prediction, ResultStore
 
@@ -16,20 +20,22 @@ class Journal:
     def __init__(self, store: ResultStore, broker: Broker) -> None:
         self.store = store
         self.broker = broker
+        self._tasks = Outbox(broker, TASK_KEY)
+        self._outcomes = Outbox(broker, EVENT_KEY)
 
     async def accept(self, task: Accepted) -> None:
         """Record a new task and hand it to the broker (BrokerUnavailable if it won't)."""
         await self.store.apply(task)
         try:
-            await self.broker.publish(task, TASK_KEY)
+            await self._tasks.publish((task,))
         except BaseException:
             # No 202 will be sent, so nobody knows this id: drop it.
             await self.store.forget_pending(task.prediction_id)
             raise
 
-    async def record(self, outcome: Outcome) -> None:
-        await self.store.apply(outcome)
-        await self.broker.publish(outcome, EVENT_KEY)
+    async def record(self, outcomes: Sequence[Outcome]) -> None:
+        await self.store.apply_many(outcomes)
+        await self._outcomes.publish(outcomes)
 
 
 def outcome_of(prediction_id: str, entry: Prediction) -> Outcome:

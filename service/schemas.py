@@ -10,6 +10,8 @@ different versions can read each other's events during a rolling deploy.
 
 from __future__ import annotations
 
+from typing import cast
+
 import msgspec
 
 # -- HTTP -------------------------------------------------------------------
@@ -45,12 +47,19 @@ class StatusResponse(msgspec.Struct):
 # -- Broker events ----------------------------------------------------------
 
 
-class Accepted(msgspec.Struct, tag="accepted", tag_field="kind", gc=False):
-    """A client's async request; also the work queue's task message."""
+class Accepted(msgspec.Struct, tag="accepted", tag_field="kind", gc=False, omit_defaults=True):
+    """A client's async request; also the work queue's task message.
+
+    `attempts` and `last_error` are only set on a task a worker put back
+    on the work queue by itself (see service/consumer.py): attempts that
+    the broker's own delivery count cannot see any more.
+    """
 
     prediction_id: str
     input: str
     at_s: float = 0.0
+    attempts: int = 0
+    last_error: str = ""
 
 
 class Done(msgspec.Struct, tag="done", tag_field="kind", gc=False):
@@ -74,10 +83,44 @@ class Marker(msgspec.Struct, tag="marker", tag_field="kind", gc=False):
     at_s: float = 0.0
 
 
+class TaskBatch(msgspec.Struct, tag="tasks", tag_field="kind", gc=False):
+    """Tasks accepted in the same instant, published as one message.
+
+    Batching is what lets the broker keep up: a message costs the same
+    whether it carries one task or fifty (see bench/README.md).
+    """
+
+    tasks: list[Accepted]
+
+
+class OutcomeBatch(msgspec.Struct, tag="outcomes", tag_field="kind", gc=False):
+    outcomes: list[Done | Failed]
+
+
 Outcome = Done | Failed
 Event = Accepted | Done | Failed | Marker
+Message = Event | TaskBatch | OutcomeBatch
 
 json_encoder = msgspec.json.Encoder()
 request_decoder = msgspec.json.Decoder(PredictRequest)
-task_decoder = msgspec.json.Decoder(Accepted)
-event_decoder = msgspec.json.Decoder(Event)
+task_decoder = msgspec.json.Decoder(Accepted | TaskBatch)
+message_decoder = msgspec.json.Decoder(Message)
+
+
+def batched(events: list[Event]) -> Message:
+    """One message for events published together: the event itself if alone."""
+    if len(events) == 1:
+        return events[0]
+    if all(isinstance(event, Accepted) for event in events):
+        return TaskBatch(cast(list[Accepted], events))
+    if all(isinstance(event, Done | Failed) for event in events):
+        return OutcomeBatch(cast(list[Outcome], events))
+    raise ValueError("a batch holds tasks or outcomes, not both")
+
+
+def events_of(message: Message) -> list[Event]:
+    if isinstance(message, TaskBatch):
+        return list(message.tasks)
+    if isinstance(message, OutcomeBatch):
+        return list(message.outcomes)
+    return [message]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import anyio
 import msgspec
@@ -59,14 +59,25 @@ class ResultStore:
 
     async def apply(self, event: Event) -> bool:
         """Record an event; True if it changed anything."""
-        if isinstance(event, Marker) or self._expired(event.at_s):
-            return False
+        return await self.apply_many((event,)) > 0
+
+    async def apply_many(self, events: Sequence[Event]) -> int:
+        """Record events in order, under one lock; how many changed anything."""
+        fresh: list[Accepted | Done | Failed] = [
+            e for e in events if not isinstance(e, Marker) and not self._expired(e.at_s)
+        ]
+        if not fresh:
+            return 0
+        changed: list[Accepted | Done | Failed] = []
         async with self._lock:
-            changed = self._apply(event)
+            for event in fresh:
+                if self._apply(event):
+                    changed.append(event)
             self._evict_expired()
-        if changed and not isinstance(event, Accepted):
-            self._wake(event.prediction_id)
-        return changed
+        for event in changed:
+            if not isinstance(event, Accepted):
+                self._wake(event.prediction_id)
+        return len(changed)
 
     def get(self, prediction_id: str) -> Prediction | None:
         # Writers hold the lock; a read needs none: it never awaits, so on
