@@ -116,7 +116,7 @@ def _build_services(settings: Settings, predictor: Predictor, metrics: Metrics) 
         long_polls=lambda: store.waiting,
     )
     broker = Broker(settings)
-    journal = Journal(store, broker)
+    journal = Journal(store, broker, metrics)
     consumer = TaskConsumer(
         broker,
         journal,

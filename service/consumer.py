@@ -56,7 +56,8 @@ class TaskConsumer:
         self._max_attempts = max_attempts
         self._shutdown_grace_s = shutdown_grace_s
         self._handling = 0  # messages
-        self._holding = 0  # their tasks taken to run here
+        self._holding = 0  # their tasks taken to run here, at most MODEL_CONCURRENCY
+        self._slot_freed = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._drained = asyncio.Event()
@@ -129,22 +130,36 @@ class TaskConsumer:
                 # task that keeps crashing workers is dead-lettered alone.
                 spent = [_charged(task, task.attempts + redeliveries) for task in tasks]
                 await self._put_back(spent)
+                self._metrics.put_back_redelivered.inc(len(spent))
                 await _settle(message.ack())
                 return
-            now, later = self._share(tasks)
-            if later:
-                # More than this replica has model slots for: let another take them.
-                await self._put_back([TaskBatch(later)] if len(later) > 1 else later)
-            await self._process(now, message, redeliveries, alone=len(tasks) == 1)
+            await self._take_and_process(tasks, message, redeliveries)
         except BrokerUnavailable as exc:
             # Outcomes are in the mapping; a redelivery publishes them again.
             log.warning("could not record the outcome of a task message: %s", exc)
             await _settle(message.nack(requeue=True))
 
-    def _share(self, tasks: list[Accepted]) -> tuple[list[Accepted], list[Accepted]]:
-        """The tasks to run here now (at least one), and those to put back."""
-        free = max(1, self._broker.settings.model_concurrency - self._holding)
-        return tasks[:free], tasks[free:]
+    async def _take_and_process(
+        self, tasks: list[Accepted], message: MessageT, redeliveries: int
+    ) -> None:
+        # Take as many tasks as there are free model slots, once there is
+        # one, and put the rest back for whichever replica is free first:
+        # a batch must not queue behind this replica's model while another
+        # replica idles. The slots stay reserved until the tasks are done.
+        slots = self._broker.settings.model_concurrency
+        while self._holding >= slots:
+            self._slot_freed.clear()
+            await self._slot_freed.wait()
+        now, later = tasks[: slots - self._holding], tasks[slots - self._holding :]
+        self._holding += len(now)
+        try:
+            if later:
+                await self._put_back([TaskBatch(later)] if len(later) > 1 else later)
+                self._metrics.put_back_busy.inc(len(later))
+            await self._process(now, message, redeliveries, alone=len(tasks) == 1)
+        finally:
+            self._holding -= len(now)
+            self._slot_freed.set()
 
     async def _put_back(self, messages: Sequence[Accepted | TaskBatch]) -> None:
         """Publish to the work queue alone: the stream already has these tasks."""
@@ -153,20 +168,14 @@ class TaskConsumer:
     async def _process(
         self, tasks: list[Accepted], message: MessageT, redeliveries: int, *, alone: bool
     ) -> None:
-        self._holding += len(tasks)
-        try:
-            steps = await asyncio.gather(*(self._step(t, redeliveries, alone) for t in tasks))
-        finally:
-            self._holding -= len(tasks)
-        outcomes = [step.outcome for step in steps if step.outcome is not None]
-        if outcomes:
-            await self._journal.record(outcomes)
+        steps = await asyncio.gather(*(self._run(t, redeliveries, alone) for t in tasks))
         if alone:
             await self._settle_alone(steps[0], message)
             return
         retries = [step.retry for step in steps if step.retry is not None]
         if retries:
             await self._put_back(retries)
+            self._metrics.put_back_failed.inc(len(retries))
         await _settle(message.ack())
 
     async def _settle_alone(self, step: _Step, message: MessageT) -> None:
@@ -178,6 +187,15 @@ class TaskConsumer:
             await _settle(message.reject(requeue=False))
         else:
             await _settle(message.ack())
+
+    async def _run(self, task: Accepted, redeliveries: int, alone: bool) -> _Step:
+        step = await self._step(task, redeliveries, alone)
+        if step.outcome is not None:
+            # Recorded as soon as it is known, not when the whole batch is:
+            # if a batch-mate then crashes the worker, this outcome survives.
+            # (Outcomes of the same loop turn still share one message.)
+            await self._journal.record((step.outcome,))
+        return step
 
     async def _step(self, task: Accepted, redeliveries: int, alone: bool) -> _Step:
         """Run one task, unless its outcome is known or its attempts are used up."""

@@ -50,6 +50,27 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.put_back = Counter(
+            "tasks_put_back",
+            "Tasks a worker took out of a batch message and sent back to the work queue",
+            ["reason"],
+            registry=registry,
+        )
+        self.put_back_busy = self.put_back.labels("busy")
+        self.put_back_failed = self.put_back.labels("model_failed")
+        self.put_back_redelivered = self.put_back.labels("redelivered")
+        self.messages_published = Counter(
+            "broker_messages_published",
+            "Messages published with a confirm (tasks or outcomes that share one count once)",
+            ["routing_key"],
+            registry=registry,
+        )
+        self.events_published = Counter(
+            "broker_events_published",
+            "Prediction events published, whether alone or batched into one message",
+            ["routing_key"],
+            registry=registry,
+        )
         self.model_latency = LatencyCollector(
             "model_latency_seconds", "Time the model took per prediction", MODEL_BUCKETS_S
         )

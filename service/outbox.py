@@ -15,6 +15,7 @@ import asyncio
 from collections.abc import Sequence
 
 from service.broker import Broker, BrokerUnavailable
+from service.metrics import Metrics
 from service.schemas import Event, batched
 
 # A batch is closed early at either bound, so a message stays far below
@@ -24,9 +25,11 @@ MAX_BATCH_BYTES = 1024 * 1024
 
 
 class Outbox:
-    def __init__(self, broker: Broker, routing_key: str) -> None:
+    def __init__(self, broker: Broker, routing_key: str, metrics: Metrics) -> None:
         self._broker = broker
         self._routing_key = routing_key
+        self._messages_published = metrics.messages_published.labels(routing_key)
+        self._events_published = metrics.events_published.labels(routing_key)
         self._events: list[Event] = []
         self._bytes = 0
         self._confirmed: asyncio.Future[None] | None = None
@@ -80,6 +83,8 @@ class Outbox:
             if not isinstance(exc, Exception):
                 raise
         else:
+            self._messages_published.inc()
+            self._events_published.inc(len(events))
             if not confirmed.done():
                 confirmed.set_result(None)
 

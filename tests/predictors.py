@@ -59,3 +59,11 @@ async def sleeps_as_told(text: str) -> str:
     """Sleeps the number of seconds its input says: "1.5" sleeps 1.5 s."""
     await anyio.sleep(float(text))
     return text
+
+
+def crashes_the_process_after_a_moment(text: str) -> str:
+    """As crashes_the_process, but only 0.3 s in: other tasks finish first."""
+    if text == "crash":
+        time.sleep(0.3)
+        os._exit(3)
+    return "1"

@@ -1,0 +1,174 @@
+"""Tasks and outcomes made together share a broker message, never a fate.
+
+Against the live broker: what goes on the stream when many predictions
+arrive at once, and what a worker does with a batch it cannot or should
+not run whole (more tasks than free model slots, a failing task, a batch
+redelivered after a crash).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+from typing import Any
+
+import aio_pika
+import anyio
+import httpx
+
+from service.broker import TASK_KEY, Names
+from service.schemas import Accepted, TaskBatch, json_encoder
+from service.settings import Settings
+from tests.support import (
+    LiveApp,
+    ServiceProcess,
+    dead_letters,
+    live_app,
+    settings_for_test,
+    submit_async,
+    wait_finished,
+)
+
+
+async def _publish_batch(settings: Settings, inputs: list[str]) -> list[str]:
+    """Publish one batch of tasks as a replica's outbox does; their ids."""
+    tasks = [Accepted(str(uuid.uuid4()), text, 1e10) for text in inputs]
+    connection = await aio_pika.connect(settings.rabbitmq_url, timeout=5)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        names = Names.for_namespace(settings.broker_namespace)
+        exchange = await channel.get_exchange(names.exchange)
+        body = json_encoder.encode(TaskBatch(tasks))
+        await exchange.publish(
+            aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT), TASK_KEY
+        )
+    return [task.prediction_id for task in tasks]
+
+
+async def _stream_messages(settings: Settings, enough: int) -> list[dict[str, Any]]:
+    """The event stream's messages from its start, until `enough` events are read."""
+    messages: list[dict[str, Any]] = []
+    events = 0
+    connection = await aio_pika.connect(settings.rabbitmq_url, timeout=5)
+    async with connection:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=100)
+        queue = await channel.get_queue(Names.for_namespace(settings.broker_namespace).events)
+        with anyio.fail_after(20):
+            async with queue.iterator(arguments={"x-stream-offset": "first"}) as iterator:
+                async for message in iterator:
+                    await message.ack()
+                    messages.append(json.loads(message.body))
+                    events += len(_events(messages[-1]))
+                    if events >= enough:
+                        break
+    return messages
+
+
+def _events(message: dict[str, Any]) -> list[dict[str, Any]]:
+    kind = message["kind"]
+    if kind in ("tasks", "outcomes"):
+        batch: list[dict[str, Any]] = message[kind]
+        return batch
+    return [message]
+
+
+async def _metric(client: httpx.AsyncClient, series: str) -> float:
+    text = (await client.get("/metrics")).text
+    match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+async def test_predictions_accepted_together_share_messages(live: LiveApp) -> None:
+    count = 40
+    ids = await asyncio.gather(*(submit_async(live.client, f"many {i}") for i in range(count)))
+    for prediction_id in ids:
+        assert (await wait_finished(live.client, prediction_id)).status_code == 200
+    # Every task and every outcome is on the stream exactly once ...
+    messages = await _stream_messages(live.settings, enough=2 * count + 1)
+    events = [event for message in messages for event in _events(message)]
+    accepted = [e["prediction_id"] for e in events if e["kind"] == "accepted"]
+    done = [e["prediction_id"] for e in events if e["kind"] == "done"]
+    assert sorted(accepted) == sorted(ids)
+    assert sorted(done) == sorted(ids)
+    # ... in fewer messages than events: they were batched.
+    task_messages = [m for m in messages if m["kind"] in ("accepted", "tasks")]
+    assert len(task_messages) < count
+    client = live.client
+    assert await _metric(client, 'broker_events_published_total{routing_key="task"}') == count
+    assert await _metric(client, 'broker_messages_published_total{routing_key="task"}') == len(
+        task_messages
+    )
+
+
+async def test_a_batch_beyond_the_free_model_slots_is_partly_put_back(
+    rabbitmq_url: str,
+) -> None:
+    settings = settings_for_test(
+        rabbitmq_url, predictor="tests.predictors:async_reverse", model_concurrency=2
+    )
+    async with live_app(settings) as live:
+        inputs = [f"task {i}" for i in range(6)]
+        ids = await _publish_batch(settings, inputs)
+        for prediction_id, text in zip(ids, inputs, strict=True):
+            response = await wait_finished(live.client, prediction_id)
+            assert response.status_code == 200
+            assert response.json()["output"]["result"] == text[::-1]
+        # Two slots: the first delivery runs two tasks and puts four back.
+        assert await _metric(live.client, 'tasks_put_back_total{reason="busy"}') >= 4
+        # Putting back never runs a task twice.
+        completed = 'predictions_completed_total{mode="async"}'
+        assert await _metric(live.client, completed) == len(inputs)
+
+
+async def test_a_task_that_fails_in_a_batch_fails_alone(rabbitmq_url: str) -> None:
+    settings = settings_for_test(
+        rabbitmq_url, predictor="tests.predictors:fails_on_boom", max_attempts=2
+    )
+    async with live_app(settings) as live:
+        first, boom, last = await _publish_batch(settings, ["fine", "boom", "also fine"])
+        for prediction_id in (first, last):
+            response = await wait_finished(live.client, prediction_id)
+            assert response.json()["output"]["result"] == "42"
+        response = await wait_finished(live.client, boom)
+        assert response.status_code == 500
+        assert response.json() == {"error": "Prediction failed: RuntimeError: boom in input"}
+        # It went back alone, was tried once more, and only it was dead-lettered.
+        [dead] = await dead_letters(settings, 1)
+        assert json.loads(dead)["prediction_id"] == boom
+        assert await _metric(live.client, 'tasks_put_back_total{reason="model_failed"}') == 1
+        assert await _metric(live.client, 'predictions_failed_total{mode="async"}') == 1
+
+
+async def test_a_batch_redelivered_after_a_crash_is_split_and_only_the_crasher_fails(
+    rabbitmq_url: str,
+) -> None:
+    predictor = "tests.predictors:crashes_the_process_after_a_moment"
+    settings = settings_for_test(rabbitmq_url, predictor=predictor, max_attempts=2)
+    service = ServiceProcess(settings)
+    await service.start()
+    try:
+        fine, crash, also_fine = await _publish_batch(settings, ["fine", "crash", "also fine"])
+        # The batch's other tasks finish before "crash" kills the worker; the
+        # batch comes back, goes back as three tasks, and "crash" kills the
+        # next worker alone. The third worker sees its attempts used up.
+        assert await service.wait_exit() == 3
+        await service.start(wait_ready=False)
+        assert await service.wait_exit() == 3
+        await service.start()
+        async with httpx.AsyncClient(base_url=service.base_url) as client:
+            for prediction_id in (fine, also_fine):
+                response = await wait_finished(client, prediction_id)
+                assert response.json()["output"]["result"] == "1"
+            response = await wait_finished(client, crash)
+            assert response.status_code == 500
+            assert "the worker stopped during each of 2 attempts" in response.json()["error"]
+            [dead] = await dead_letters(settings, 1)
+            assert json.loads(dead)["prediction_id"] == crash
+            # The worker goes on serving.
+            follow_up = await submit_async(client, "after the crashes")
+            assert (await wait_finished(client, follow_up)).status_code == 200
+    finally:
+        await service.stop()
