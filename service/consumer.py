@@ -35,6 +35,9 @@ from service.schemas import Accepted, Done, Failed, Outcome, TaskBatch, task_dec
 
 log = logging.getLogger(__name__)
 
+# The longest a message waits for a free model slot before going back.
+PARK_MAX_S = 1.0
+
 MessageT = aio_pika.abc.AbstractIncomingMessage
 
 
@@ -58,6 +61,7 @@ class TaskConsumer:
         self._handling = 0  # messages
         self._holding = 0  # their tasks taken to run here, at most MODEL_CONCURRENCY
         self._slot_freed = asyncio.Event()
+        self._stopping = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._drained = asyncio.Event()
@@ -70,6 +74,7 @@ class TaskConsumer:
         """Consume until `stopping` is set or the task is cancelled, then drain."""
         queue = self._broker.tasks_queue
         self._drained.clear()
+        self._stopping = stopping
         consumer_tag = await queue.consume(self._on_message)
         self._running = self.consuming = True
         task_status.started()
@@ -77,6 +82,7 @@ class TaskConsumer:
             await stopping.wait()
         finally:
             self.consuming = False
+            self._slot_freed.set()  # parked messages go back, uncharged
             with anyio.CancelScope(shield=True):
                 await self._drain(queue, consumer_tag)
             self._running = False
@@ -126,11 +132,13 @@ class TaskConsumer:
         try:
             if len(tasks) > 1 and redeliveries:
                 # A batch came back, so one of its tasks may be what stopped
-                # the last worker. Apart, each counts its own attempts and a
-                # task that keeps crashing workers is dead-lettered alone.
-                spent = [_charged(task, task.attempts + redeliveries) for task in tasks]
-                await self._put_back(spent)
-                self._metrics.put_back_redelivered.inc(len(spent))
+                # the last worker. Apart, each gets a delivery count of its
+                # own, so a task that keeps crashing workers is dead-lettered
+                # alone. None is charged for this return: the broker cannot
+                # say which task (if any) was at fault, and a task parked
+                # behind the model never ran.
+                await self._put_back(tasks)
+                self._metrics.put_back_redelivered.inc(len(tasks))
                 await _settle(message.ack())
                 return
             await self._take_and_process(tasks, message, redeliveries)
@@ -147,9 +155,14 @@ class TaskConsumer:
         # a batch must not queue behind this replica's model while another
         # replica idles. The slots stay reserved until the tasks are done.
         slots = self._broker.settings.model_concurrency
-        while self._holding >= slots:
-            self._slot_freed.clear()
-            await self._slot_freed.wait()
+        if not await self._wait_for_slot(slots):
+            # Stopping, or parked too long: hand the message back, uncharged.
+            # (A redelivered task keeps the count the broker had for it.)
+            tasks = [_charged(task, task.attempts + redeliveries) for task in tasks]
+            await self._put_back([TaskBatch(tasks)] if len(tasks) > 1 else tasks)
+            self._metrics.put_back_busy.inc(len(tasks))
+            await _settle(message.ack())
+            return
         now, later = tasks[: slots - self._holding], tasks[slots - self._holding :]
         self._holding += len(now)
         try:
@@ -161,13 +174,35 @@ class TaskConsumer:
             self._holding -= len(now)
             self._slot_freed.set()
 
+    async def _wait_for_slot(self, slots: int) -> bool:
+        """True once a model slot is free; False if stopping or after PARK_MAX_S.
+
+        Prefetch counts messages, not tasks, so a busy replica could park
+        many batches while a replica started later idles. Parking at most
+        PARK_MAX_S lets them circulate (uncharged) to whoever is free.
+        """
+        with anyio.move_on_after(PARK_MAX_S):
+            while self._holding >= slots and not self._stopping.is_set():
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+        return self._holding < slots and not self._stopping.is_set()
+
     async def _put_back(self, messages: Sequence[Accepted | TaskBatch]) -> None:
         """Publish to the work queue alone: the stream already has these tasks."""
-        await asyncio.gather(*(self._broker.publish(m, RETRY_KEY) for m in messages))
+        # Every publish is awaited before an error is raised, so none is
+        # still in flight when the caller settles the original message.
+        results = await asyncio.gather(
+            *(self._broker.publish(m, RETRY_KEY) for m in messages), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def _process(
         self, tasks: list[Accepted], message: MessageT, redeliveries: int, *, alone: bool
     ) -> None:
+        # Every task runs to its end before the message is settled: one
+        # task's failed confirm must not settle the batch under the others.
         steps = await asyncio.gather(*(self._run(t, redeliveries, alone) for t in tasks))
         if alone:
             await self._settle_alone(steps[0], message)
@@ -175,11 +210,15 @@ class TaskConsumer:
         retries = [step.retry for step in steps if step.retry is not None]
         if retries:
             await self._put_back(retries)
-            self._metrics.put_back_failed.inc(len(retries))
+            failed = sum(step.retry is not None and not step.unrecorded for step in steps)
+            self._metrics.put_back_failed.inc(failed)
         await _settle(message.ack())
 
     async def _settle_alone(self, step: _Step, message: MessageT) -> None:
-        if step.retry is not None:
+        if step.unrecorded:
+            # The outcome is in the mapping; the redelivery publishes it again.
+            await _settle(message.nack(requeue=True))
+        elif step.retry is not None:
             # Requeued: the broker counts the attempt in x-delivery-count.
             await _settle(message.nack(requeue=True))
         elif step.gave_up:
@@ -190,11 +229,19 @@ class TaskConsumer:
 
     async def _run(self, task: Accepted, redeliveries: int, alone: bool) -> _Step:
         step = await self._step(task, redeliveries, alone)
-        if step.outcome is not None:
+        if step.outcome is None:
+            return step
+        try:
             # Recorded as soon as it is known, not when the whole batch is:
             # if a batch-mate then crashes the worker, this outcome survives.
             # (Outcomes of the same loop turn still share one message.)
             await self._journal.record((step.outcome,))
+        except BrokerUnavailable as exc:
+            log.warning(
+                "could not record an outcome: %s", exc, extra={"prediction_id": task.prediction_id}
+            )
+            # Back on the work queue as it was; run again, it finds its outcome.
+            return _Step(retry=task, unrecorded=True)
         return step
 
     async def _step(self, task: Accepted, redeliveries: int, alone: bool) -> _Step:
@@ -248,6 +295,7 @@ class _Step:
     outcome: Outcome | None = None  # to record
     retry: Accepted | None = None  # to run again later
     gave_up: bool = False  # failed for good on this delivery
+    unrecorded: bool = False  # has an outcome the broker did not confirm
 
 
 def _tasks_in(message: Accepted | TaskBatch) -> list[Accepted]:

@@ -18,9 +18,7 @@ from service.broker import Broker, BrokerUnavailable
 from service.metrics import Metrics
 from service.schemas import Event, batched
 
-# A batch is closed early at either bound, so a message stays far below
-# RabbitMQ's size limit and a worker's share of a batch stays small.
-MAX_BATCH_EVENTS = 64
+# A batch is also closed at this size, far below RabbitMQ's message limit.
 MAX_BATCH_BYTES = 1024 * 1024
 
 
@@ -28,6 +26,7 @@ class Outbox:
     def __init__(self, broker: Broker, routing_key: str, metrics: Metrics) -> None:
         self._broker = broker
         self._routing_key = routing_key
+        self._max_events = broker.settings.publish_batch_max
         self._messages_published = metrics.messages_published.labels(routing_key)
         self._events_published = metrics.events_published.labels(routing_key)
         self._events: list[Event] = []
@@ -43,7 +42,7 @@ class Outbox:
         for event in events:
             size = _size(event)
             if self._events and (
-                len(self._events) >= MAX_BATCH_EVENTS or self._bytes + size > MAX_BATCH_BYTES
+                len(self._events) >= self._max_events or self._bytes + size > MAX_BATCH_BYTES
             ):
                 self._flush()
             self._events.append(event)

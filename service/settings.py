@@ -41,6 +41,9 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", forbid_unknown_field
     shutdown_grace_s: NonNegative = 30
     max_wait_s: NonNegative = 60
     stream_prefetch: PositiveInt = 2_000
+    # Most events one broker message carries; 1 publishes each alone, as
+    # versions before batching did and as they need to read (rolling upgrade).
+    publish_batch_max: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 64
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 
