@@ -18,7 +18,7 @@ from service.http.requests import (
     requested_wait_s,
     wants_async,
 )
-from service.http.responses import JsonResponse, error_response
+from service.http.responses import JsonResponse, NotedResponse, error_response
 from service.metrics import CONTENT_TYPE
 from service.model import ModelError
 from service.schemas import (
@@ -125,4 +125,4 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    return Response(services_of(request).metrics.render(), media_type=CONTENT_TYPE)
+    return NotedResponse(services_of(request).metrics.render(), media_type=CONTENT_TYPE)

@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import Response
+
+from service.http.responses import HtmlResponse, NotedResponse
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "static" / "swagger-ui"
 MEDIA_TYPES = {
@@ -46,11 +48,11 @@ class SwaggerDocs:
         self._assets = {name: (ASSET_DIR / name).read_bytes() for name in MEDIA_TYPES}
 
     async def page(self, _: Request) -> Response:
-        return HTMLResponse(PAGE)
+        return HtmlResponse(PAGE)
 
     async def asset(self, request: Request) -> Response:
         name: str = request.path_params["name"]
         body = self._assets.get(name)
         if body is None:
-            return Response(status_code=404)
-        return Response(body, media_type=MEDIA_TYPES[name], headers=CACHE)
+            return NotedResponse(status_code=404)
+        return NotedResponse(body, media_type=MEDIA_TYPES[name], headers=CACHE)
