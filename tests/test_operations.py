@@ -126,6 +126,26 @@ async def _wait_for_metric(base_url: str, line: str) -> None:
                 await asyncio.sleep(0.1)
 
 
+async def test_metrics_count_the_status_every_kind_of_response_sent(live: LiveApp) -> None:
+    client = live.client
+    sent = [
+        ("GET", "/docs", None, 200, "/docs"),
+        ("GET", "/docs/static/swagger-ui.css", None, 200, "/docs/static/{name}"),
+        ("GET", "/docs/static/nothing.js", None, 404, "/docs/static/{name}"),
+        ("GET", "/nowhere", None, 404, "unmatched"),
+        ("DELETE", "/predict", None, 405, "/predict"),
+        ("POST", "/predict", b"not json", 400, "/predict"),
+        ("POST", "/predict", b'{"input": 1}', 422, "/predict"),
+        ("GET", "/openapi.json", None, 200, "/openapi.json"),
+    ]
+    for method, path, body, status, _ in sent:
+        assert (await client.request(method, path, content=body)).status_code == status
+    text = (await client.get("/metrics")).text
+    for method, _, _, status, route in sent:
+        line = f'http_requests_total{{method="{method}",route="{route}",status="{status}"}}'
+        assert line in text, line
+
+
 async def test_metrics_count_requests_predictions_and_latency(live: LiveApp) -> None:
     await live.client.post("/predict", json={"input": "sync"})
     prediction_id = await submit_async(live.client, "async")
