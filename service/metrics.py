@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from itertools import accumulate
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
+from prometheus_client import CollectorRegistry, Gauge, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
@@ -27,45 +27,45 @@ class Metrics:
         registry = self.registry
         self.http = HttpStats()
         registry.register(self.http)
-        self.accepted = Counter(
+        self.accepted = LoopCounter(
             "predictions_accepted", "Async predictions accepted (202 sent)", registry=registry
         )
-        self.completed = Counter(
+        self.completed = LoopCounter(
             "predictions_completed",
             "Predictions the model answered",
             ["mode"],
             registry=registry,
         )
-        # Children bound once: labels() looks the label set up under a lock.
+        # Children bound once, so the hot paths skip the label lookup.
         self.completed_sync = self.completed.labels("sync")
         self.completed_async = self.completed.labels("async")
-        self.failed = Counter(
+        self.failed = LoopCounter(
             "predictions_failed", "Predictions that failed", ["mode"], registry=registry
         )
         self.failed_sync = self.failed.labels("sync")
         self.failed_async = self.failed.labels("async")
-        self.dead_lettered = Counter(
+        self.dead_lettered = LoopCounter(
             "tasks_dead_lettered",
             "Task messages set aside to the dead-letter queue",
             ["reason"],
             registry=registry,
         )
-        self.put_back = Counter(
+        self.put_back = LoopCounter(
             "tasks_put_back",
-            "Tasks a worker took out of a batch message and sent back to the work queue",
+            "Tasks a worker sent back to the work queue instead of running them itself",
             ["reason"],
             registry=registry,
         )
         self.put_back_busy = self.put_back.labels("busy")
         self.put_back_failed = self.put_back.labels("model_failed")
         self.put_back_redelivered = self.put_back.labels("redelivered")
-        self.messages_published = Counter(
+        self.messages_published = LoopCounter(
             "broker_messages_published",
             "Messages published with a confirm (tasks or outcomes that share one count once)",
             ["routing_key"],
             registry=registry,
         )
-        self.events_published = Counter(
+        self.events_published = LoopCounter(
             "broker_events_published",
             "Prediction events published, whether alone or batched into one message",
             ["routing_key"],
@@ -100,6 +100,58 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class CounterSeries:
+    """One counter's value. Only the event loop increments it, so no lock."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        self.value += amount
+
+
+class LoopCounter(Collector):
+    """A Prometheus counter kept as plain floats, exposed at scrape time.
+
+    prometheus_client's Counter takes a lock on every increment; these are
+    incremented on every prediction, and only ever from the event loop.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str] = (),
+        *,
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = list(labelnames)
+        self._series: dict[tuple[str, ...], CounterSeries] = {}
+        if not labelnames:
+            self._series[()] = CounterSeries()
+        registry.register(self)
+
+    def labels(self, *values: str) -> CounterSeries:
+        """The series for these label values (bind it once, increment it often)."""
+        series = self._series.get(values)
+        if series is None:
+            series = self._series[values] = CounterSeries()
+        return series
+
+    def inc(self, amount: float = 1) -> None:
+        self._series[()].inc(amount)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        for values, series in self._series.items():
+            family.add_metric(list(values), series.value)
+        yield family
 
 
 class LatencyHistogram:
