@@ -12,6 +12,7 @@ from starlette.responses import Response
 from service.broker import BrokerUnavailable
 from service.http.errors import ApiError
 from service.http.requests import (
+    ClientHeaders,
     decode_predict_request,
     preferences,
     read_body,
@@ -54,11 +55,12 @@ def services_of(request: Request) -> Services:
 
 async def predict(request: Request) -> Response:
     services = services_of(request)
-    body = await read_body(request, services.settings.max_body_bytes)
+    headers = ClientHeaders(request)
+    body = await read_body(request, headers, services.settings.max_body_bytes)
     payload = decode_predict_request(body)
-    if wants_async(request):
+    if wants_async(headers):
         response = await _accept(services, payload.input)
-        if "respond-async" in preferences(request):
+        if "respond-async" in preferences(headers.prefer):
             response.headers["Preference-Applied"] = "respond-async"
         return response
     try:

@@ -9,14 +9,40 @@ from service.http.errors import ApiError, BodyNotJson
 from service.schemas import PredictRequest, request_decoder
 
 
-async def read_body(request: Request, limit_bytes: int) -> bytes:
+class ClientHeaders:
+    """The request headers the API reads, found in one pass over the raw ASGI list.
+
+    Read from the raw list (lower-case names, as ASGI servers give them):
+    request.headers builds a Headers object per request, and a scan per
+    header costs more than one pass for all of them, on every POST.
+    The first Content-Length and Async-Mode win; every Prefer counts.
+    """
+
+    __slots__ = ("async_mode", "content_length", "prefer")
+
+    def __init__(self, request: Request) -> None:
+        self.content_length: str | None = None
+        self.async_mode: str | None = None
+        self.prefer: list[str] = []
+        for name, value in request.scope["headers"]:
+            if name == b"content-length":
+                if self.content_length is None:
+                    self.content_length = value.decode("latin-1")
+            elif name == b"async-mode":
+                if self.async_mode is None:
+                    self.async_mode = value.decode("latin-1")
+            elif name == b"prefer":
+                self.prefer.append(value.decode("latin-1"))
+
+
+async def read_body(request: Request, headers: ClientHeaders, limit_bytes: int) -> bytes:
     """The whole body, or 413 as soon as it is known to exceed the limit.
 
     A declared Content-Length over the limit is refused before reading a
     byte; a chunked body is counted as it arrives, so a huge one is never
     held in memory.
     """
-    declared = first_header(request, b"content-length")
+    declared = headers.content_length
     if declared is not None and declared.isdigit() and int(declared) > limit_bytes:
         raise _too_large(limit_bytes)
     chunks: list[bytes] = []
@@ -51,17 +77,17 @@ def decode_predict_request(body: bytes) -> PredictRequest:
         raise BodyNotJson(str(exc)) from None
 
 
-def wants_async(request: Request) -> bool:
+def wants_async(headers: ClientHeaders) -> bool:
     """`Async-Mode: true` (any case, blanks ignored) or `Prefer: respond-async`."""
-    mode = first_header(request, b"async-mode")
+    mode = headers.async_mode
     if mode is not None and mode.strip().lower() == "true":
         return True
-    return "respond-async" in preferences(request)
+    return "respond-async" in preferences(headers.prefer)
 
 
 def requested_wait_s(request: Request, cap_s: float) -> float | None:
     """`Prefer: wait=N` as seconds capped at `cap_s`; None if absent or malformed."""
-    value = preferences(request).get("wait")
+    value = preferences(header_values(request, b"prefer")).get("wait")
     if value is None:
         return None
     try:
@@ -73,14 +99,14 @@ def requested_wait_s(request: Request, cap_s: float) -> float | None:
     return min(wait_s, cap_s)
 
 
-def preferences(request: Request) -> dict[str, str]:
+def preferences(prefer_headers: list[str]) -> dict[str, str]:
     """RFC 7240 preferences: `Prefer: respond-async, wait=10; x=y` -> {name: value}.
 
     Names are case-insensitive; parameters after `;` are ignored; the first
     occurrence of a preference wins, as the RFC asks.
     """
     found: dict[str, str] = {}
-    for header in header_values(request, b"prefer"):
+    for header in prefer_headers:
         for item in header.split(","):
             name, _, value = item.split(";", 1)[0].partition("=")
             name = name.strip().lower()
@@ -90,17 +116,8 @@ def preferences(request: Request) -> dict[str, str]:
 
 
 def header_values(request: Request, name: bytes) -> list[str]:
-    """Every value of header `name` (lower-case, as ASGI servers give them).
-
-    Read from the raw ASGI list: request.headers builds a Headers object
-    per request, a measurable share of a GET that asks for nothing.
-    """
+    """Every value of header `name` (lower-case), from the raw ASGI list."""
     return [value.decode("latin-1") for key, value in request.scope["headers"] if key == name]
-
-
-def first_header(request: Request, name: bytes) -> str | None:
-    values = header_values(request, name)
-    return values[0] if values else None
 
 
 def _too_large(limit_bytes: int) -> ApiError:
