@@ -9,7 +9,7 @@ import time
 import anyio
 import pytest
 
-from service.model import MockModel, ModelError, ModelRunner, load_predictor
+from service.model import MockModel, ModelError, ModelRunner, Slots, load_predictor
 from service.settings import ConfigError, Settings
 from tests.support import live_app, settings_for_test, submit_async, wait_finished
 
@@ -74,6 +74,39 @@ async def test_runner_limits_concurrency_across_callers() -> None:
     results = await asyncio.gather(*(runner.predict(str(i)) for i in range(12)))
     assert results == [str(i) for i in range(12)]
     assert peak == 3
+
+
+async def test_slots_serve_waiters_in_order_and_pass_on_a_cancelled_waiters_slot() -> None:
+    slots = Slots(1)
+    await slots.take()  # free: taken at once
+    order: list[str] = []
+
+    async def waiter(name: str) -> None:
+        await slots.take()
+        order.append(name)
+        slots.give_back()
+
+    first = asyncio.create_task(waiter("first"))
+    cancelled = asyncio.create_task(waiter("cancelled"))
+    last = asyncio.create_task(waiter("last"))
+    await asyncio.sleep(0)  # all three wait now
+    cancelled.cancel()
+    slots.give_back()
+    await asyncio.gather(first, last)
+    assert order == ["first", "last"]
+    assert cancelled.cancelled()
+    # The slot came back: it can be taken again without waiting.
+    with anyio.fail_after(1):
+        await slots.take()
+    # A waiter cancelled after being handed the slot hands it on.
+    handed = asyncio.create_task(slots.take())
+    await asyncio.sleep(0)
+    slots.give_back()  # handed to `handed` ...
+    handed.cancel()  # ... which is cancelled before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await handed
+    with anyio.fail_after(1):
+        await slots.take()
 
 
 async def test_runner_wraps_model_exceptions() -> None:
