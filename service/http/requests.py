@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgspec
 from starlette.requests import Request
+from starlette.types import Scope
 
 from service.http.errors import ApiError, BodyNotJson
 from service.schemas import PredictRequest, request_decoder
@@ -85,9 +86,9 @@ def wants_async(headers: ClientHeaders) -> bool:
     return "respond-async" in preferences(headers.prefer)
 
 
-def requested_wait_s(request: Request, cap_s: float) -> float | None:
+def requested_wait_s(scope: Scope, cap_s: float) -> float | None:
     """`Prefer: wait=N` as seconds capped at `cap_s`; None if absent or malformed."""
-    value = preferences(header_values(request, b"prefer")).get("wait")
+    value = preferences(header_values(scope, b"prefer")).get("wait")
     if value is None:
         return None
     try:
@@ -115,9 +116,9 @@ def preferences(prefer_headers: list[str]) -> dict[str, str]:
     return found
 
 
-def header_values(request: Request, name: bytes) -> list[str]:
+def header_values(scope: Scope, name: bytes) -> list[str]:
     """Every value of header `name` (lower-case), from the raw ASGI list."""
-    return [value.decode("latin-1") for key, value in request.scope["headers"] if key == name]
+    return [value.decode("latin-1") for key, value in scope["headers"] if key == name]
 
 
 def _too_large(limit_bytes: int) -> ApiError:

@@ -24,8 +24,13 @@ class NotedResponse(Response):
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Response.__call__'s two sends, without its websocket and background
+        # branches: the app serves HTTP only and runs no background tasks.
         scope[STATUS_KEY] = self.status_code
-        await super().__call__(scope, receive, send)
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        await send({"type": "http.response.body", "body": self.body})
 
 
 class HtmlResponse(NotedResponse):
