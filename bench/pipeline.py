@@ -10,14 +10,19 @@ process, without HTTP:
 - durable: the same traffic as the service's broker side (task to a quorum
   queue and the event stream, outcome to the stream, stream read back).
 
+A second service with PUBLISH_BATCH_MAX=1 (every task and outcome a
+message of its own, as before batching) runs in the same rounds, so the
+gain from batching is measured too.
+
 There is no pre-durability service to check out, so "before durability"
 is stood in for by the two baselines: durable / simple is what the event
 stream costs at the broker, whatever the service does on top.
-Each round runs simple, durable, service, in that order.
+Each round runs simple, durable, the unbatched service, the service, in that order.
 """
 
 from __future__ import annotations
 
+import re
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -33,12 +38,17 @@ from bench.procs import (
     broker_pid,
     cpu_shares,
     delete_namespace,
+    http_request,
     run_measured,
     running_service,
 )
 from bench.report import Goal, Row
 
 TIMEOUT_S = 600
+PUBLISHED = re.compile(
+    r"^broker_(?P<what>events|messages)_published_total"
+    r'\{routing_key="(?P<key>\w+)"\} (?P<value>\S+)$'
+)
 
 
 @dataclass
@@ -60,20 +70,46 @@ class Series:
 
 def run(ctx: Context) -> list[Row]:
     namespace = ctx.namespace("pipeline")
-    simple, durable, service = Series(), Series(), Series()
+    simple, durable, unbatched, service = Series(), Series(), Series(), Series()
     checks: list[SubmitResult] = []
+    zero_delay = {"model_delay_min_s": 0, "model_delay_max_s": 0}
     try:
-        with running_service(
-            ctx.rabbitmq_url, namespace, ctx.log_dir, model_delay_min_s=0, model_delay_max_s=0
-        ) as server:
-            submit(ctx, server, max(ctx.sizes.pipeline_count // 10, 10), Series())  # warm-up
+        with (
+            running_service(ctx.rabbitmq_url, namespace, ctx.log_dir, **zero_delay) as server,
+            running_service(
+                ctx.rabbitmq_url, f"{namespace}-1", ctx.log_dir, publish_batch_max=1, **zero_delay
+            ) as one_by_one,
+        ):
+            for warming in (server, one_by_one):
+                submit(ctx, warming, max(ctx.sizes.pipeline_count // 10, 10), Series())
             for round_index in range(ctx.sizes.rounds):
                 baseline(ctx, "simple", f"{namespace}-simple{round_index}", simple)
                 baseline(ctx, "durable", f"{namespace}-durable{round_index}", durable)
+                checks.append(submit(ctx, one_by_one, ctx.sizes.pipeline_count, unbatched))
                 checks.append(submit(ctx, server, ctx.sizes.pipeline_count, service))
+            batching = events_per_message(server)
     finally:
         delete_namespace(ctx.rabbitmq_url, namespace)
-    return rows(ctx, simple, durable, service, checks)
+        delete_namespace(ctx.rabbitmq_url, f"{namespace}-1")
+    series = {"simple": simple, "durable": durable, "unbatched": unbatched, "service": service}
+    return rows(ctx, series, checks, batching=batching)
+
+
+def events_per_message(server: Server) -> dict[str, float]:
+    """How many events the service's messages carried, per routing key (all rounds)."""
+    status, body = http_request(server.port, "GET", "/metrics")
+    if status != 200:
+        raise RuntimeError(f"/metrics answered {status}")
+    totals: dict[str, dict[str, float]] = {"events": {}, "messages": {}}
+    for line in body.decode().splitlines():
+        match = PUBLISHED.match(line)
+        if match:
+            totals[match["what"]][match["key"]] = float(match["value"])
+    return {
+        key: round(events / totals["messages"][key], 2)
+        for key, events in totals["events"].items()
+        if totals["messages"].get(key)
+    }
 
 
 def baseline(ctx: Context, mode: str, namespace: str, series: Series) -> None:
@@ -115,14 +151,22 @@ def _broker() -> dict[str, int]:
 
 
 def rows(
-    ctx: Context, simple: Series, durable: Series, service: Series, checks: list[SubmitResult]
+    ctx: Context,
+    series: dict[str, Series],
+    checks: list[SubmitResult],
+    *,
+    batching: dict[str, float],
 ) -> list[Row]:
+    simple, durable, service = series["simple"], series["durable"], series["service"]
+    unbatched = series["unbatched"]
     details = {
+        "events_per_message": batching,
         "count": ctx.sizes.pipeline_count,
         "connections": ctx.sizes.pipeline_connections,
         "service": service.summary(),
         "aio_pika_simple": simple.summary(),
         "aio_pika_durable": durable.summary(),
+        "service_publish_batch_max_1": unbatched.summary(),
         "post_statuses": [check.statuses for check in checks],
         "get_statuses": [check.verified for check in checks],
         "failed": sum(check.failed for check in checks),
@@ -149,6 +193,15 @@ def rows(
             "msg/s",
             service.rates,
             durable.rates,
+            loadgen_cpu=service.client_cpu,
+        ),
+        Row(
+            "batching_gain",
+            "3d. async end to end: batched vs PUBLISH_BATCH_MAX=1",
+            unit,
+            unit,
+            service.rates,
+            unbatched.rates,
             loadgen_cpu=service.client_cpu,
         ),
         Row(
