@@ -20,7 +20,7 @@ from yarl import URL
 from tests.support import REPO, rabbitmqctl
 
 HTTP_KEYS = {"get", "get_cpu", "post", "post_cpu"}
-PIPELINE_KEYS = {"pipeline", "pipeline_durable", "durability_cost"}
+PIPELINE_KEYS = {"pipeline", "pipeline_durable", "batching_gain", "durability_cost"}
 QUICK = {"pipeline": 60, "capacity_async": 40, "capacity_sync": 10, "memory": 600}
 
 
@@ -86,11 +86,16 @@ def assert_http_answered(rows: dict[str, dict[str, Any]], tool: str) -> None:
 
 def assert_pipeline_answered(details: dict[str, Any]) -> None:
     count = QUICK["pipeline"]
-    assert details["post_statuses"] == [{"202": count}]
-    assert details["get_statuses"] == [{"200": count}]
+    # One round: the service with PUBLISH_BATCH_MAX=1, then the service.
+    assert details["post_statuses"] == [{"202": count}] * 2
+    assert details["get_statuses"] == [{"200": count}] * 2
     assert details["failed"] == 0
     assert details["aio_pika_simple"]["rates"]["rounds"][0] > 0
     assert details["aio_pika_durable"]["rates"]["rounds"][0] > 0
+    assert details["service_publish_batch_max_1"]["rates"]["rounds"][0] > 0
+    # Tasks and outcomes were published, each message carrying at least one.
+    assert set(details["events_per_message"]) == {"task", "event"}
+    assert all(ratio >= 1 for ratio in details["events_per_message"].values())
 
 
 def assert_capacity_answered(details: dict[str, Any]) -> None:
