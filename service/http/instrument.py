@@ -3,8 +3,9 @@
 A plain ASGI callable (not BaseHTTPMiddleware), which does not even wrap
 `send`: the status is read from the scope, where the app's responses note
 it. (Only paths ending in a slash, which Starlette's router may redirect
-with a response of its own, have `send` wrapped.) It costs two clock reads and a dict update per request, which keeps
-the HTTP overhead benchmark honest.
+with a response of its own, have `send` wrapped.) It costs two clock
+reads and a dict update per request, which keeps the HTTP overhead
+benchmark honest.
 """
 
 from __future__ import annotations
