@@ -31,7 +31,16 @@ from service.broker import RETRY_KEY, Broker, BrokerUnavailable
 from service.journal import Journal, outcome_of
 from service.metrics import Metrics
 from service.model import ModelError, ModelRunner
-from service.schemas import Accepted, Done, Failed, Outcome, TaskBatch, task_decoder
+from service.schemas import (
+    Accepted,
+    Done,
+    Failed,
+    Message,
+    Outcome,
+    TaskBatch,
+    batched,
+    task_decoder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +168,7 @@ class TaskConsumer:
             # Stopping, or parked too long: hand the message back, uncharged.
             # (A redelivered task keeps the count the broker had for it.)
             tasks = [_charged(task, task.attempts + redeliveries) for task in tasks]
-            await self._put_back([TaskBatch(tasks)] if len(tasks) > 1 else tasks)
+            await self._put_back([batched(tasks)])
             self._metrics.put_back_busy.inc(len(tasks))
             await _settle(message.ack())
             return
@@ -167,7 +176,7 @@ class TaskConsumer:
         self._holding += len(now)
         try:
             if later:
-                await self._put_back([TaskBatch(later)] if len(later) > 1 else later)
+                await self._put_back([batched(later)])
                 self._metrics.put_back_busy.inc(len(later))
             await self._process(now, message, redeliveries, alone=len(tasks) == 1)
         finally:
@@ -187,7 +196,7 @@ class TaskConsumer:
                 await self._slot_freed.wait()
         return self._holding < slots and not self._stopping.is_set()
 
-    async def _put_back(self, messages: Sequence[Accepted | TaskBatch]) -> None:
+    async def _put_back(self, messages: Sequence[Message]) -> None:
         """Publish to the work queue alone: the stream already has these tasks."""
         # Every publish is awaited before an error is raised, so none is
         # still in flight when the caller settles the original message.
@@ -215,11 +224,9 @@ class TaskConsumer:
         await _settle(message.ack())
 
     async def _settle_alone(self, step: _Step, message: MessageT) -> None:
-        if step.unrecorded:
-            # The outcome is in the mapping; the redelivery publishes it again.
-            await _settle(message.nack(requeue=True))
-        elif step.retry is not None:
-            # Requeued: the broker counts the attempt in x-delivery-count.
+        if step.retry is not None:
+            # Requeued: the broker counts the attempt in x-delivery-count. (An
+            # unrecorded outcome is in the mapping; the redelivery publishes it.)
             await _settle(message.nack(requeue=True))
         elif step.gave_up:
             self._metrics.dead_lettered.labels("model_failed").inc()

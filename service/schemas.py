@@ -10,6 +10,7 @@ different versions can read each other's events during a rolling deploy.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import cast
 
 import msgspec
@@ -107,14 +108,14 @@ task_decoder = msgspec.json.Decoder(Accepted | TaskBatch)
 message_decoder = msgspec.json.Decoder(Message)
 
 
-def batched(events: list[Event]) -> Message:
+def batched(events: Sequence[Event]) -> Message:
     """One message for events published together: the event itself if alone."""
     if len(events) == 1:
         return events[0]
     if all(isinstance(event, Accepted) for event in events):
-        return TaskBatch(cast(list[Accepted], events))
+        return TaskBatch(list(cast(Sequence[Accepted], events)))
     if all(isinstance(event, Done | Failed) for event in events):
-        return OutcomeBatch(cast(list[Outcome], events))
+        return OutcomeBatch(list(cast(Sequence[Outcome], events)))
     raise ValueError("a batch holds tasks or outcomes, not both")
 
 
