@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 # The longest a message waits for a free model slot before going back.
 PARK_MAX_S = 1.0
+# Pause between attempts to publish an outcome the broker did not confirm.
+OUTCOME_RETRY_S = 1.0
 
 MessageT = aio_pika.abc.AbstractIncomingMessage
 
@@ -238,18 +240,24 @@ class TaskConsumer:
         step = await self._step(task, redeliveries, alone)
         if step.outcome is None:
             return step
-        try:
-            # Recorded as soon as it is known, not when the whole batch is:
-            # if a batch-mate then crashes the worker, this outcome survives.
-            # (Outcomes of the same loop turn still share one message.)
-            await self._journal.record((step.outcome,))
-        except BrokerUnavailable as exc:
-            log.warning(
-                "could not record an outcome: %s", exc, extra={"prediction_id": task.prediction_id}
-            )
-            # Back on the work queue as it was; run again, it finds its outcome.
-            return _Step(retry=task, unrecorded=True)
-        return step
+        # Recorded as soon as it is known, not when the whole batch is: if a
+        # batch-mate then crashes the worker, this outcome survives. (Outcomes
+        # of the same loop turn still share one message.)
+        while True:
+            try:
+                await self._journal.record((step.outcome,))
+                return step
+            except BrokerUnavailable as exc:
+                extra = {"prediction_id": task.prediction_id}
+                log.warning("could not record an outcome: %s", exc, extra=extra)
+            if not self._broker.is_up:
+                # Back on the work queue as it was; run again, it finds its outcome.
+                return _Step(retry=task, unrecorded=True)
+            # Connected but unconfirmed (a memory or disk alarm blocks
+            # publishers): keep the task and try again. Requeueing it would
+            # count a delivery, and enough of those dead-letter a task whose
+            # outcome is known.
+            await anyio.sleep(OUTCOME_RETRY_S)
 
     async def _step(self, task: Accepted, redeliveries: int, alone: bool) -> _Step:
         """Run one task, unless its outcome is known or its attempts are used up."""

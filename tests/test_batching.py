@@ -26,6 +26,7 @@ from tests.support import (
     ServiceProcess,
     dead_letters,
     live_app,
+    rabbitmqctl,
     settings_for_test,
     submit_async,
     wait_finished,
@@ -73,6 +74,18 @@ def _events(message: dict[str, Any]) -> list[dict[str, Any]]:
         batch: list[dict[str, Any]] = message[kind]
         return batch
     return [message]
+
+
+async def _dead_letter_count(settings: Settings) -> int:
+    """Messages in the dead-letter queue now (taken off it)."""
+    count = 0
+    connection = await aio_pika.connect(settings.rabbitmq_url, timeout=5)
+    async with connection:
+        channel = await connection.channel()
+        dead = await channel.get_queue(Names.for_namespace(settings.broker_namespace).dead)
+        while await dead.get(fail=False, no_ack=True) is not None:
+            count += 1
+    return count
 
 
 async def _metric(client: httpx.AsyncClient, series: str) -> float:
@@ -185,6 +198,39 @@ async def test_a_batch_back_after_a_crash_is_split_and_only_the_crasher_fails(
             assert (await wait_finished(client, follow_up)).status_code == 200
     finally:
         await service.stop()
+
+
+async def test_an_outcome_unconfirmed_during_a_memory_alarm_is_kept_uncharged(
+    rabbitmq_url: str,
+) -> None:
+    # One attempt: a requeue while the alarm blocks the outcome's confirm
+    # would make the broker dead-letter a task whose result is known.
+    settings = settings_for_test(
+        rabbitmq_url, predictor="tests.predictors:sleeps_as_told", max_attempts=1
+    )
+    async with live_app(settings) as live:
+        ids = await _publish_batch(settings, ["0.5", "0.5", "0.5"])
+        with anyio.fail_after(10):
+            while await _metric(live.client, "predictions_in_flight") < 3:
+                await asyncio.sleep(0.02)
+        # The broker blocks every publisher while its memory alarm is on.
+        rabbitmqctl("set_vm_memory_high_watermark", "absolute", "1")
+        try:
+            await asyncio.sleep(3 * settings.publish_timeout_s)
+            for prediction_id in ids:
+                response = await live.client.get(f"/predict/{prediction_id}")
+                assert response.status_code == 200  # known here all along
+        finally:
+            rabbitmqctl("set_vm_memory_high_watermark", "0.4")  # RabbitMQ's default
+        # Once the alarm is off, the outcomes reach the stream and the
+        # batch is acked: never requeued, never run again.
+        messages = await _stream_messages(settings, enough=2 * len(ids) + 1)
+        done = [e["prediction_id"] for m in messages for e in _events(m) if e["kind"] == "done"]
+        assert sorted(done) == sorted(ids)
+        assert await _metric(live.client, "model_latency_seconds_count") == len(ids)
+        assert await _metric(live.client, 'tasks_put_back_total{reason="redelivered"}') == 0
+        assert await _metric(live.client, 'predictions_completed_total{mode="async"}') == 3
+        assert await _dead_letter_count(settings) == 0
 
 
 async def test_a_task_parked_behind_a_busy_model_circulates_uncharged(rabbitmq_url: str) -> None:
