@@ -30,7 +30,13 @@ async def _publish_raw(settings: Settings, body: bytes) -> None:
 
 
 async def test_poison_messages_are_dead_lettered_and_work_goes_on(live: LiveApp) -> None:
-    poison = [b"not json", b'{"kind":"accepted"}', b'{"prediction_id": 5}', b"\xff\xfe"]
+    poison = [
+        b"not json",
+        b'{"kind":"accepted"}',
+        b'{"prediction_id": 5}',
+        b"\xff\xfe",
+        b'{"kind":"tasks","tasks":[{"kind":"done"}]}',  # a batch of something else
+    ]
     for body in poison:
         await _publish_raw(live.settings, body)
     assert sorted(await dead_letters(live.settings, len(poison))) == sorted(poison)
