@@ -34,13 +34,15 @@ import msgspec
 import uvloop
 
 from service.broker import EVENT_KEY, TASK_KEY, Broker
-from service.schemas import Accepted, Done, json_encoder, message_decoder, task_decoder
+from service.schemas import Accepted, Done, json_encoder, message_decoder
 from service.settings import Settings
 
 MessageT = aio_pika.abc.AbstractIncomingMessage
 Publish = Callable[[bytes], Awaitable[object]]
 # As the service's event follower: ack the stream every prefetch / 4 events.
 STREAM_ACK_BATCH = Settings().stream_prefetch // 4
+# The baselines publish one task per message, as the service did before batching.
+accepted_decoder = msgspec.json.Decoder(Accepted)
 
 
 class BaselineResult(msgspec.Struct):
@@ -78,7 +80,7 @@ async def run_simple(url: str, queue_name: str, count: int, concurrency: int) ->
         counter = _Countdown(count)
 
         async def on_task(message: MessageT) -> None:
-            task_decoder.decode(message.body)  # the worker must read the task
+            accepted_decoder.decode(message.body)  # the worker must read the task
             await message.ack()
             counter.tick()
 
@@ -110,7 +112,7 @@ async def _durable_traffic(broker: Broker, count: int, concurrency: int) -> floa
     unacked = itertools.count(1)
 
     async def on_task(message: MessageT) -> None:
-        task = task_decoder.decode(message.body)
+        task = accepted_decoder.decode(message.body)
         done = Done(task.prediction_id, task.input, "12345", time.time())
         await broker.exchange.publish(_persistent(json_encoder.encode(done)), EVENT_KEY)
         await message.ack()
