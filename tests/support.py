@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -36,10 +37,47 @@ def rabbitmqctl(*args: str) -> str:
     return done.stdout
 
 
+def _ephemeral_ports() -> range:
+    """The ports the kernel hands to outgoing connections (Linux's default if unknown)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    except (OSError, ValueError):
+        return range(32768, 61000)
+    return range(int(low), int(high) + 1)
+
+
+def _listening_ports() -> range:
+    """Ports for test servers, clear of the ephemeral range.
+
+    A port picked with bind(0) is ephemeral: between the pick and the server's
+    own bind, an outgoing connection (to the broker, an HTTP client) can take
+    it, and the server fails with "address already in use". No outgoing
+    connection takes a port outside the ephemeral range.
+    """
+    ephemeral = _ephemeral_ports()
+    if ephemeral.start - 10_000 >= 1_000:
+        return range(10_000, ephemeral.start)
+    if 65_536 - ephemeral.stop >= 1_000:
+        return range(ephemeral.stop, 65_536)
+    return range(1_024, 65_536)
+
+
+_LISTENING_PORTS = _listening_ports()
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
+    """A port nothing listens on, never handed out twice in this test run."""
+    while True:
+        port = random.choice(_LISTENING_PORTS)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
         return port
 
 

@@ -20,6 +20,7 @@ from tests.support import (
     ServiceProcess,
     close_service_connections,
     dead_letters,
+    free_port,
     rabbitmqctl,
     settings_for_test,
     submit_async,
@@ -61,7 +62,7 @@ async def test_another_replica_answers_for_predictions_it_did_not_accept(
 ) -> None:
     settings = settings_for_test(rabbitmq_url, model_delay_min_s=1.5, model_delay_max_s=1.6)
     first = ServiceProcess(settings)
-    second = ServiceProcess(settings.with_changes(port=settings.port + 1))
+    second = ServiceProcess(settings.with_changes(port=free_port()))
     await first.start()
     await second.start()
     try:

@@ -16,6 +16,7 @@ from tests.support import (
     LiveApp,
     ServiceProcess,
     close_service_connections,
+    free_port,
     live_app,
     settings_for_test,
     submit_async,
@@ -73,7 +74,7 @@ async def test_long_poll_on_another_replica_wakes_on_the_streamed_result(
 ) -> None:
     settings = settings_for_test(rabbitmq_url, model_delay_min_s=0.5, model_delay_max_s=0.6)
     async with live_app(settings) as first:
-        other = settings.with_changes(port=settings.port + 1)
+        other = settings.with_changes(port=free_port())
         async with live_app(other) as second:
             prediction_id = await submit_async(first.client, "cross replica")
             with anyio.fail_after(5):
@@ -225,7 +226,7 @@ async def test_readyz_answers_503_while_the_broker_connection_is_down(rabbitmq_u
 async def test_follower_resumes_after_its_channel_alone_is_closed(rabbitmq_url: str) -> None:
     settings = settings_for_test(rabbitmq_url)
     async with live_app(settings) as first:
-        other = settings.with_changes(port=settings.port + 1)
+        other = settings.with_changes(port=free_port())
         async with live_app(other) as second:
             # A channel error (here: a passive declare of a missing exchange)
             # closes only the event channel; the connection stays up.
