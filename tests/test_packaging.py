@@ -136,3 +136,18 @@ async def test_dockerfile_install_steps_give_a_working_service(
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_the_image_installs_only_the_pinned_versions(image_venv: tuple[Path, Path]) -> None:
+    venv, _ = image_venv
+    frozen = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "freeze"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.splitlines()
+    installed = {line for line in frozen if not line.startswith("prediction-service")}
+    constraints = (REPO / "constraints.txt").read_text().splitlines()
+    pinned = {line for line in constraints if line and not line.startswith("#")}
+    assert installed, "pip freeze listed nothing"
+    assert installed - pinned == set()
