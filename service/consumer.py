@@ -10,12 +10,14 @@ makes its tasks share a fate: a task that fails in one, the tasks beyond
 this replica's free model slots, and every task of a batch that comes
 back after a crash are put back as messages of their own, carrying the
 attempts they have spent. A message that cannot be decoded is rejected
-into the dead-letter queue at once.
+into the dead-letter queue at once. A model run outlives a dropped
+connection, and the task's redelivery takes its answer (see RunsById).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -48,6 +50,9 @@ log = logging.getLogger(__name__)
 PARK_MAX_S = 1.0
 # Pause between attempts to publish an outcome the broker did not confirm.
 OUTCOME_RETRY_S = 1.0
+# How long the answer of a run whose handler was cancelled waits for the
+# message's redelivery (it normally comes within a reconnection interval).
+ORPHAN_KEEP_S = 600.0
 
 MessageT = aio_pika.abc.AbstractIncomingMessage
 
@@ -65,7 +70,7 @@ class TaskConsumer:
     ) -> None:
         self._broker = broker
         self._journal = journal
-        self._runner = runner
+        self._runs = RunsById(runner)
         self._metrics = metrics
         self._max_attempts = max_attempts
         self._shutdown_grace_s = shutdown_grace_s
@@ -274,7 +279,7 @@ class TaskConsumer:
             error = task.last_error or f"the worker stopped during each of {spent} attempts"
             return self._give_up(task, spent, error)
         try:
-            result = await self._runner.predict(task.input)
+            result = await self._runs.predict(task.prediction_id, task.input)
         except ModelError as exc:
             log.warning(
                 "model failed on %s: %s",
@@ -301,6 +306,47 @@ class TaskConsumer:
         self._metrics.failed_async.inc()
         failed = Failed(task.prediction_id, task.input, error, time.time())
         return _Step(outcome=failed, gave_up=True)
+
+
+class RunsById:
+    """Model runs by prediction id, kept through a dropped connection.
+
+    aio-pika cancels a message's handler when its connection drops, and the
+    broker delivers the message again after the reconnection. With a model
+    that takes seconds, rerunning it then would waste all the time already
+    spent, so the run itself is not cancelled: the redelivery waits for it,
+    or takes its answer if it has finished.
+    """
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self._runner = runner
+        self._runs: dict[str, asyncio.Future[str]] = {}
+
+    async def predict(self, prediction_id: str, input: str) -> str:
+        run = self._runs.get(prediction_id)
+        if run is None:
+            run = asyncio.ensure_future(self._runner.predict(input))
+            self._runs[prediction_id] = run
+        try:
+            await asyncio.wait((run,))
+        except asyncio.CancelledError:
+            run.add_done_callback(functools.partial(self._keep_unclaimed, prediction_id))
+            raise
+        # Claimed: this handler records the answer (or retries a failure),
+        # so a later delivery must not reuse it.
+        if self._runs.get(prediction_id) is run:
+            del self._runs[prediction_id]
+        return run.result()
+
+    def _keep_unclaimed(self, prediction_id: str, run: asyncio.Future[str]) -> None:
+        if not run.cancelled():
+            run.exception()  # retrieved here, so asyncio does not log it as lost
+        asyncio.get_running_loop().call_later(ORPHAN_KEEP_S, self._forget, prediction_id, run)
+
+    def _forget(self, prediction_id: str, run: asyncio.Future[str]) -> None:
+        # Never redelivered here (another replica took it): let it go.
+        if self._runs.get(prediction_id) is run:
+            del self._runs[prediction_id]
 
 
 @dataclass(frozen=True)

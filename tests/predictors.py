@@ -67,3 +67,13 @@ def crashes_the_process_after_a_moment(text: str) -> str:
         time.sleep(0.3)
         os._exit(3)
     return "1"
+
+
+calls: dict[str, int] = {}
+
+
+async def counts_calls(text: str) -> str:
+    """Sleeps the seconds its input says, counting calls per input in `calls`."""
+    calls[text] = calls.get(text, 0) + 1
+    await anyio.sleep(float(text))
+    return text

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import aio_pika
+import anyio
+import pytest
 
+from service import consumer
 from service.broker import Names
+from service.consumer import RunsById
+from service.model import ModelRunner
 from service.settings import Settings
+from tests import predictors
 from tests.support import (
     LiveApp,
+    close_service_connections,
     dead_letters,
     live_app,
     settings_for_test,
@@ -65,3 +73,46 @@ async def test_a_transient_model_failure_is_retried(rabbitmq_url: str) -> None:
         response = await wait_finished(live.client, prediction_id)
         assert response.status_code == 200
         assert response.json()["output"]["result"] == "2"
+
+
+async def test_a_prediction_running_through_a_dropped_connection_is_not_run_again(
+    rabbitmq_url: str,
+) -> None:
+    settings = settings_for_test(rabbitmq_url, predictor="tests.predictors:counts_calls")
+    async with live_app(settings) as live:
+        prediction_id = await submit_async(live.client, "2.5")
+        with anyio.fail_after(5):
+            while predictors.calls.get("2.5") != 1:
+                await asyncio.sleep(0.01)
+        # The broker drops the connection mid-prediction, as a restart
+        # would; the task comes back once the service reconnects.
+        assert close_service_connections(settings) == 1
+        still_running = await live.client.get(f"/predict/{prediction_id}")
+        assert still_running.status_code == 400, "the drop came too late to test anything"
+        response = await wait_finished(live.client, prediction_id)
+        assert response.status_code == 200, response.text
+        assert response.json()["output"]["result"] == "2.5"
+        assert predictors.calls["2.5"] == 1
+
+
+async def test_an_unclaimed_run_is_forgotten_after_a_while(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runs = RunsById(ModelRunner(predictors.counts_calls, concurrency=2))
+    handler = asyncio.ensure_future(runs.predict("id-1", "0.05"))
+    await asyncio.sleep(0.01)
+    handler.cancel()  # as aio-pika does when the connection drops
+    await asyncio.sleep(0.1)
+    assert await runs.predict("id-1", "0.05") == "0.05"  # claimed, not rerun
+    assert predictors.calls["0.05"] == 1
+    # Claimed once, so a later delivery (a real retry) runs the model again.
+    assert await runs.predict("id-1", "0.05") == "0.05"
+    assert predictors.calls["0.05"] == 2
+    # A run nobody claims (the task went to another replica) is let go.
+    monkeypatch.setattr(consumer, "ORPHAN_KEEP_S", 0.01)
+    handler = asyncio.ensure_future(runs.predict("id-2", "0.050"))
+    await asyncio.sleep(0.01)
+    handler.cancel()
+    await asyncio.sleep(0.2)
+    assert await runs.predict("id-2", "0.050") == "0.050"
+    assert predictors.calls["0.050"] == 2
