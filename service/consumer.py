@@ -139,7 +139,7 @@ class TaskConsumer:
     async def _handle(self, message: MessageT) -> None:
         try:
             tasks = _tasks_in(task_decoder.decode(message.body))
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
             log.warning("dead-lettering an undecodable task message: %s", exc)
             self._metrics.dead_lettered.labels("undecodable").inc()
             await _settle(message.reject(requeue=False))

@@ -119,7 +119,7 @@ class EventFollower:
 def _decode(message: MessageT) -> list[Event]:
     try:
         events = events_of(message_decoder.decode(message.body))
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return []  # a poison task copied here by dead-lettering; the DLQ has it
     reason = (message.headers or {}).get("x-first-death-reason")
     if reason is None:

@@ -139,6 +139,23 @@ async def test_body_that_is_not_json_answers_400(live: LiveApp, body: bytes) -> 
 
 
 @pytest.mark.parametrize(
+    "body",
+    [
+        b'{"input":"a","x":' + b"[" * 5000 + b"]" * 5000 + b"}",
+        b'{"input":"a","x":' + b'{"a":' * 5000 + b"1" + b"}" * 5000 + b"}",
+    ],
+    ids=["deep array", "deep object"],
+)
+async def test_absurdly_nested_json_answers_400(live: LiveApp, body: bytes) -> None:
+    response = await live.client.post("/predict", content=body)
+    assert response.status_code == 400
+    assert response.json() == {"error": "Request body is nested too deeply."}
+    # Still fine: nesting well past what real clients send.
+    ok = b'{"input":"a","x":' + b"[" * 500 + b"]" * 500 + b"}"
+    assert (await live.client.post("/predict", content=ok)).status_code == 200
+
+
+@pytest.mark.parametrize(
     ("body", "expected"),
     [
         (b"{}", "missing required field `input`"),

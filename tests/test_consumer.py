@@ -44,6 +44,7 @@ async def test_poison_messages_are_dead_lettered_and_work_goes_on(live: LiveApp)
         b'{"prediction_id": 5}',
         b"\xff\xfe",
         b'{"kind":"tasks","tasks":[{"kind":"done"}]}',  # a batch of something else
+        b'{"kind":"accepted","x":' + b"[" * 5000 + b"]" * 5000 + b"}",  # too deep to decode
     ]
     for body in poison:
         await _publish_raw(live.settings, body)

@@ -63,7 +63,7 @@ async def read_body(request: Request, headers: ClientHeaders, limit_bytes: int) 
 
 
 def decode_predict_request(body: bytes) -> PredictRequest:
-    """400 if the body is not JSON; msgspec.ValidationError (422) if the shape is wrong."""
+    """400 if the body is not JSON or absurdly nested; 422 (ValidationError) if misshapen."""
     if not body.isascii():
         # msgspec skips unknown fields without checking their UTF-8.
         try:
@@ -76,6 +76,10 @@ def decode_predict_request(body: bytes) -> PredictRequest:
         raise
     except msgspec.DecodeError as exc:
         raise BodyNotJson(str(exc)) from None
+    except RecursionError:
+        # Unknown fields are skipped, but still parsed: `"x": [[[...]]]` a
+        # thousand deep reaches Python's recursion limit in a 2 KB body.
+        raise ApiError(400, "Request body is nested too deeply.") from None
 
 
 def wants_async(headers: ClientHeaders) -> bool:
