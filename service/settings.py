@@ -7,7 +7,9 @@ lists them all; keep the two in step.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Mapping
 from typing import Annotated, Literal
 
@@ -48,6 +50,16 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", forbid_unknown_field
     log_format: Literal["text", "json"] = "text"
 
     def __post_init__(self) -> None:
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            # `inf` passes every bound above, then hangs a sleep or breaks
+            # a conversion to int long after the start.
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{name.upper()} must be a finite number, not {value}")
+        if not self.rabbitmq_url.startswith(("amqp://", "amqps://")):
+            # Said at once: aio-pika would retry a malformed URL until
+            # BROKER_CONNECT_TIMEOUT_S, then fail with an empty reason.
+            raise ValueError("RABBITMQ_URL must start with amqp:// or amqps://")
         if self.model_delay_min_s > self.model_delay_max_s:
             raise ValueError("MODEL_DELAY_MIN_S must not exceed MODEL_DELAY_MAX_S")
 
@@ -60,7 +72,7 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", forbid_unknown_field
         try:
             return msgspec.convert(raw, cls, strict=False)
         except (msgspec.ValidationError, ValueError) as exc:
-            raise ConfigError(f"invalid setting: {exc}") from None
+            raise ConfigError(_explain(str(exc), raw)) from None
 
     def with_changes(self, **changes: object) -> Settings:
         """A copy with some fields replaced (tests and benchmarks use this)."""
@@ -73,3 +85,21 @@ def _normalise(key: str, value: str) -> str:
     if key == "LOG_LEVEL":
         return value.upper()
     return value.lower() if key == "LOG_FORMAT" else value
+
+
+_AT_SETTING = re.compile(r"^(?P<what>.*) - at `\$\.(?P<name>[A-Z_]+)`$")
+
+
+def _explain(message: str, raw: Mapping[str, str]) -> str:
+    """msgspec's message with the value the operator gave, which it omits.
+
+    "Expected `int`, got `str` - at `$.MAX_BODY_BYTES`" becomes
+    "invalid setting MAX_BODY_BYTES='1.5': Expected `int`": every value
+    arrives as a string, so "got `str`" would only mislead.
+    """
+    match = _AT_SETTING.match(message)
+    if match is None:
+        return f"invalid setting: {message}"
+    name = match["name"]
+    what = match["what"].replace(", got `str`", "")
+    return f"invalid setting {name}={raw.get(name, '')!r}: {what}"

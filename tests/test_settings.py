@@ -47,6 +47,11 @@ def test_values_are_read_and_converted_from_the_environment() -> None:
         ({"MODEL_CONCURRENCY": "0"}, "MODEL_CONCURRENCY"),
         ({"MODEL_DELAY_MIN_S": "5", "MODEL_DELAY_MAX_S": "1"}, "must not exceed"),
         ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+        ({"MAX_BODY_BYTES": "1.5"}, r"^invalid setting MAX_BODY_BYTES='1.5': Expected `int`$"),
+        ({"SHUTDOWN_GRACE_S": "inf"}, "SHUTDOWN_GRACE_S must be a finite number"),
+        ({"RESULT_TTL_S": "Infinity"}, "RESULT_TTL_S must be a finite number"),
+        ({"MODEL_DELAY_MIN_S": "0", "MODEL_DELAY_MAX_S": "inf"}, "MODEL_DELAY_MAX_S"),
+        ({"RABBITMQ_URL": "localhost:5672"}, "RABBITMQ_URL must start with amqp://"),
     ],
 )
 def test_bad_values_fail_with_one_line_naming_the_setting(
