@@ -220,3 +220,25 @@ async def test_sigterm_stops_taking_tasks_before_http_requests_drain(rabbitmq_ur
         response = await sync
     assert response.json() == {"input": "3", "result": "3"}
     assert await service.wait_exit() == -signal.SIGTERM
+
+
+async def test_a_sync_prediction_cut_off_by_the_grace_period_answers_json_503(
+    rabbitmq_url: str,
+) -> None:
+    settings = settings_for_test(
+        rabbitmq_url, predictor="tests.predictors:sleeps_as_told", shutdown_grace_s=1
+    )
+    service = ServiceProcess(settings)
+    await service.start()
+    async with httpx.AsyncClient(base_url=service.base_url, timeout=10) as client:
+        sync = asyncio.create_task(client.post("/predict", json={"input": "30"}))
+        await asyncio.sleep(0.5)
+        service.signal(signal.SIGTERM)
+        with anyio.fail_after(5):  # the grace period, not the 30 s model
+            response = await sync
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["retry-after"]
+    assert response.json() == {"error": "The service stopped before the model answered; retry."}
+    assert await service.wait_exit() == -signal.SIGTERM
+    assert "Exception in ASGI application" not in service.log()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -87,8 +88,25 @@ async def predict(request: Request) -> Response:
     except ModelError as exc:
         services.metrics.failed_sync.inc()
         raise ApiError(500, f"Prediction failed: {exc}") from None
+    except asyncio.CancelledError:
+        return _cut_off_by_shutdown()
     services.metrics.completed_sync.inc()
     return JsonResponse(PredictResponse(payload.input, result))
+
+
+def _cut_off_by_shutdown() -> Response:
+    # uvicorn cancels the requests still running when SHUTDOWN_GRACE_S is
+    # over, and would answer a plain-text 500 of its own. This cancellation
+    # is the request's end, so it is answered, not propagated: a JSON 503
+    # the client can retry on a replica that is not stopping.
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+    return error_response(
+        503,
+        "The service stopped before the model answered; retry.",
+        {"Retry-After": RETRY_AFTER_S},
+    )
 
 
 async def _accept(services: Services, input: str) -> Response:

@@ -82,7 +82,8 @@ def _predict_operation() -> dict[str, Any]:
             "422": _error("The JSON is not an object with a string `input`."),
             "500": _error("The model failed."),
             "503": _error(
-                "The broker could not take the task; retry later.",
+                "Async: the broker could not take the task. Sync: the service stopped"
+                " (SHUTDOWN_GRACE_S ran out) before the model answered. Retry later.",
                 headers={"Retry-After": _header_doc("Seconds to wait before retrying.")},
             ),
         },
