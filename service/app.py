@@ -76,6 +76,9 @@ def create_app(settings: Settings | None = None, *, on_fatal: OnFatal | None = N
         middleware=[Middleware(InstrumentMiddleware, metrics=metrics, route_of=route_of)],
         lifespan=_lifespan(settings, predictor, metrics, stopping, on_fatal or _log_fatal),
     )
+    # `/healthz/` answers the JSON 404 of any unknown path: Starlette's slash
+    # redirect would be a 307 with an empty body, and every body is JSON.
+    app.router.redirect_slashes = False
     # Set by `python -m service` on SIGTERM, before uvicorn drains connections,
     # so the consumer stops taking tasks at once.
     app.state.stopping = stopping

@@ -193,6 +193,14 @@ async def test_unknown_route_and_wrong_method_answer_json_errors(live: LiveApp) 
     assert "POST" in wrong_method.headers["allow"]
 
 
+@pytest.mark.parametrize("path", ["/healthz/", "/docs/", "/docs/static/nothing.js"])
+async def test_near_miss_paths_answer_the_json_404(live: LiveApp, path: str) -> None:
+    response = await live.client.get(path)
+    assert response.status_code == 404
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {"error": "Not Found"}
+
+
 async def test_sync_model_failure_answers_500_with_reason(rabbitmq_url: str) -> None:
     settings = settings_for_test(rabbitmq_url, predictor="tests.predictors:fails_on_boom")
     async with live_app(settings) as live:

@@ -11,7 +11,7 @@ from pathlib import Path
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service.http.responses import HtmlResponse, NotedResponse
+from service.http.responses import HtmlResponse, NotedResponse, error_response
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "static" / "swagger-ui"
 MEDIA_TYPES = {
@@ -54,5 +54,5 @@ class SwaggerDocs:
         name: str = request.path_params["name"]
         body = self._assets.get(name)
         if body is None:
-            return NotedResponse(status_code=404)
+            return error_response(404, "Not Found")
         return NotedResponse(body, media_type=MEDIA_TYPES[name], headers=CACHE)

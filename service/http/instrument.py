@@ -2,10 +2,8 @@
 
 A plain ASGI callable (not BaseHTTPMiddleware), which does not even wrap
 `send`: the status is read from the scope, where the app's responses note
-it. (Only paths ending in a slash, which Starlette's router may redirect
-with a response of its own, have `send` wrapped.) It costs two clock
-reads and a dict update per request, which keeps the HTTP overhead
-benchmark honest.
+it. It costs two clock reads and a dict update per request, which keeps
+the HTTP overhead benchmark honest.
 """
 
 from __future__ import annotations
@@ -14,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.http.responses import STATUS_KEY
 from service.metrics import Metrics
@@ -38,11 +36,6 @@ class InstrumentMiddleware:
             await self.app(scope, receive, send)
             return
         started_s = time.perf_counter()
-        path: str = scope["path"]
-        if len(path) > 1 and path.endswith("/"):
-            # Starlette's router answers these itself, with a slash redirect
-            # that is not one of the app's responses: note its status here.
-            send = _noting_status(scope, send)
         try:
             await self.app(scope, receive, send)
         finally:
@@ -55,15 +48,6 @@ class InstrumentMiddleware:
             self.metrics.http.record(scope["method"], route, status, elapsed_s)
             if route not in QUIET_ROUTES and access_log.isEnabledFor(logging.INFO):
                 _log_access(scope, status, elapsed_s)
-
-
-def _noting_status(scope: Scope, send: Send) -> Send:
-    async def send_and_note(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            scope[STATUS_KEY] = message["status"]
-        await send(message)
-
-    return send_and_note
 
 
 def _log_access(scope: Scope, status: int, elapsed_s: float) -> None:
