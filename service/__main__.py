@@ -10,6 +10,7 @@ from types import FrameType
 import uvicorn
 
 from service.app import create_app
+from service.http.protocol import JsonErrorsHttpToolsProtocol
 from service.logs import configure_logging
 from service.settings import ConfigError, Settings
 
@@ -53,7 +54,7 @@ def _build_server(settings: Settings) -> Server:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=JsonErrorsHttpToolsProtocol,  # httptools, answering its 400s in JSON
         lifespan="on",
         access_log=False,  # the app logs requests itself, with prediction ids
         log_config=None,  # keep the handlers configure_logging installed

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import signal
 
+import anyio
 import httpx
 
 from tests.support import (
@@ -50,6 +53,33 @@ async def test_serves_predictions_and_stops_cleanly_on_sigterm(rabbitmq_url: str
         service.signal(signal.SIGTERM)
     # uvicorn re-raises SIGTERM after a graceful shutdown.
     assert await service.wait_exit() == -signal.SIGTERM
+
+
+async def _raw_request(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    answer = await reader.read()  # the server closes the connection
+    writer.close()
+    return answer
+
+
+async def test_requests_the_http_parser_rejects_get_a_json_400(rabbitmq_url: str) -> None:
+    service = ServiceProcess(settings_for_test(rabbitmq_url))
+    await service.start()
+    try:
+        port = service.settings.port
+        bad_length = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n"
+        bad_header = b"GET /healthz HTTP/1.1\r\nHost: x\r\nNo Colon\r\n\r\n"
+        for request in (bad_length, bad_header):
+            with anyio.fail_after(5):
+                answer = await _raw_request(port, request)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400 "), answer
+            assert b"\r\ncontent-type: application/json\r\n" in head
+            assert json.loads(body) == {"error": "Invalid HTTP request received."}
+    finally:
+        await service.stop()
 
 
 async def test_changed_queue_arguments_stop_the_start_with_one_line(rabbitmq_url: str) -> None:
