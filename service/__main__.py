@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import socket
 import sys
 from types import FrameType
 
@@ -13,6 +14,9 @@ from service.app import create_app
 from service.http.protocol import JsonErrorsHttpToolsProtocol
 from service.logs import configure_logging
 from service.settings import ConfigError, Settings
+
+# uvicorn's exit status when it cannot start serving (uvicorn.server.STARTUP_FAILURE).
+STARTUP_FAILURE = 3
 
 
 class Server(uvicorn.Server):
@@ -41,12 +45,20 @@ def main() -> None:
         server = _build_server(settings)
     except ConfigError as exc:
         sys.exit(f"error: {exc}")
-    server.run()
+    try:
+        server.run()
+    except SystemExit as exc:
+        # uvicorn exits with 3 when it cannot start serving (the port is
+        # taken, most often) after logging why; end with the usual line.
+        if exc.code == STARTUP_FAILURE:
+            sys.exit(f"error: could not serve on {settings.host}:{settings.port} (why: above)")
+        raise
     if server.fatal_error:
         sys.exit(f"error: {server.fatal_error}")
 
 
 def _build_server(settings: Settings) -> Server:
+    _check_host(settings.host, settings.port)
     holder: list[Server] = []
     app = create_app(settings, on_fatal=lambda message: holder[0].fail(message))  # noqa: PLW0108 - holder is filled below
     config = uvicorn.Config(
@@ -64,6 +76,14 @@ def _build_server(settings: Settings) -> Server:
     )
     holder.append(Server(config, app.state.stopping))
     return holder[0]
+
+
+def _check_host(host: str, port: int) -> None:
+    """A HOST that names no address is a setting error, said in one line."""
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise ConfigError(f"HOST={host!r} is not an address to listen on: {exc.strerror}") from None
 
 
 if __name__ == "__main__":

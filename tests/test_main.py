@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 
 import anyio
 import httpx
@@ -53,6 +54,29 @@ async def test_serves_predictions_and_stops_cleanly_on_sigterm(rabbitmq_url: str
         service.signal(signal.SIGTERM)
     # uvicorn re-raises SIGTERM after a graceful shutdown.
     assert await service.wait_exit() == -signal.SIGTERM
+
+
+async def test_a_host_that_names_no_address_exits_at_start_with_one_line(
+    rabbitmq_url: str,
+) -> None:
+    service = ServiceProcess(settings_for_test(rabbitmq_url, host="999.1.1.1"))
+    await service.start(wait_ready=False)
+    assert await service.wait_exit(timeout_s=15) == 1
+    [line] = service.log().strip().splitlines()
+    # The reason is the resolver's ("Name or service not known" here).
+    assert line.startswith("error: HOST='999.1.1.1' is not an address to listen on: ")
+
+
+async def test_a_port_in_use_ends_with_an_error_line(rabbitmq_url: str) -> None:
+    settings = settings_for_test(rabbitmq_url)
+    with socket.create_server(("127.0.0.1", settings.port)):
+        service = ServiceProcess(settings)
+        await service.start(wait_ready=False)
+        assert await service.wait_exit(timeout_s=15) == 1
+    lines = service.log().strip().splitlines()
+    assert "address already in use" in service.log()
+    assert lines[-1] == f"error: could not serve on 127.0.0.1:{settings.port} (why: above)"
+    await delete_namespace(settings)
 
 
 async def _raw_request(port: int, request: bytes) -> bytes:
