@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import signal
 import socket
 import sys
 from types import FrameType
@@ -47,6 +48,10 @@ def main() -> None:
         sys.exit(f"error: {exc}")
     try:
         server.run()
+    except KeyboardInterrupt:
+        # Ctrl-C after a clean stop: uvicorn re-raises SIGINT, and asyncio
+        # turns it into this. The stop is already logged; no traceback.
+        sys.exit(128 + signal.SIGINT)
     except SystemExit as exc:
         # uvicorn exits with 3 when it cannot start serving (the port is
         # taken, most often) after logging why; end with the usual line.

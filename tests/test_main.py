@@ -56,6 +56,17 @@ async def test_serves_predictions_and_stops_cleanly_on_sigterm(rabbitmq_url: str
     assert await service.wait_exit() == -signal.SIGTERM
 
 
+async def test_ctrl_c_stops_cleanly_without_a_traceback(rabbitmq_url: str) -> None:
+    settings = settings_for_test(rabbitmq_url)
+    service = ServiceProcess(settings)
+    await service.start()
+    service.signal(signal.SIGINT)
+    assert await service.wait_exit() == 128 + signal.SIGINT
+    assert "Application shutdown complete" in service.log()
+    assert "Traceback" not in service.log()
+    await delete_namespace(settings)
+
+
 async def test_a_host_that_names_no_address_exits_at_start_with_one_line(
     rabbitmq_url: str,
 ) -> None:
