@@ -12,7 +12,7 @@ from types import FrameType
 import uvicorn
 
 from service.app import create_app
-from service.http.protocol import JsonErrorsHttpToolsProtocol
+from service.http.protocol import ServiceHttpProtocol
 from service.logs import configure_logging
 from service.settings import ConfigError, Settings
 
@@ -71,7 +71,7 @@ def _build_server(settings: Settings) -> Server:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http=JsonErrorsHttpToolsProtocol,  # httptools, answering its 400s in JSON
+        http=ServiceHttpProtocol,  # httptools: JSON 400s, cancels abandoned sync requests
         lifespan="on",
         access_log=False,  # the app logs requests itself, with prediction ids
         log_config=None,  # keep the handlers configure_logging installed

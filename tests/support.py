@@ -23,6 +23,7 @@ from starlette.applications import Starlette
 
 from service.app import create_app
 from service.broker import Names, connection_name
+from service.http.protocol import ServiceHttpProtocol
 from service.services import Services
 from service.settings import Settings
 
@@ -128,6 +129,7 @@ async def live_app(settings: Settings, *, wait_ready: bool = True) -> AsyncItera
         host="127.0.0.1",
         port=settings.port,
         lifespan="on",
+        http=ServiceHttpProtocol,  # as `python -m service` runs it
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=5,

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import anyio
+import httpx
 import pytest
 
 from service.settings import Settings
@@ -331,3 +332,19 @@ async def test_readyz_answers_ready_once_caught_up(live: LiveApp) -> None:
     response = await live.client.get("/readyz")
     assert response.status_code == 200
     assert response.content == b'{"status":"ready"}'
+
+
+async def test_a_sync_client_that_goes_away_frees_its_model_slot(rabbitmq_url: str) -> None:
+    settings = settings_for_test(
+        rabbitmq_url, predictor="tests.predictors:sleeps_as_told", model_concurrency=1
+    )
+    async with live_app(settings) as live:
+        with pytest.raises(httpx.ReadTimeout):
+            # The only model slot, for 30 s, by a client that gives up at once.
+            await live.client.post("/predict", json={"input": "30"}, timeout=0.5)
+        with anyio.fail_after(5):
+            response = await live.client.post("/predict", json={"input": "0.1"})
+        assert response.json() == {"input": "0.1", "result": "0.1"}
+        metrics = (await live.client.get("/metrics")).text
+        assert 'route="/predict",status="499"' in metrics
+        assert "predictions_in_flight 0.0" in metrics

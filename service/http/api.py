@@ -14,6 +14,7 @@ from starlette.types import Receive, Scope, Send
 
 from service.broker import BrokerUnavailable
 from service.http.errors import ApiError
+from service.http.protocol import CANCEL_ON_DISCONNECT_KEY, CLIENT_GONE_KEY
 from service.http.requests import (
     ClientHeaders,
     decode_predict_request,
@@ -83,25 +84,33 @@ async def predict(request: Request) -> Response:
         if "respond-async" in preferences(headers.prefer):
             response.headers["Preference-Applied"] = "respond-async"
         return response
+    scope = request.scope
+    scope[CANCEL_ON_DISCONNECT_KEY] = asyncio.current_task()  # see http.protocol
     try:
         result = await services.runner.predict(payload.input)
     except ModelError as exc:
         services.metrics.failed_sync.inc()
         raise ApiError(500, f"Prediction failed: {exc}") from None
     except asyncio.CancelledError:
-        return _cut_off_by_shutdown()
+        return _cut_off(client_gone=CLIENT_GONE_KEY in scope)
+    finally:
+        del scope[CANCEL_ON_DISCONNECT_KEY]  # answering is not to be cut off
     services.metrics.completed_sync.inc()
     return JsonResponse(PredictResponse(payload.input, result))
 
 
-def _cut_off_by_shutdown() -> Response:
-    # uvicorn cancels the requests still running when SHUTDOWN_GRACE_S is
-    # over, and would answer a plain-text 500 of its own. This cancellation
-    # is the request's end, so it is answered, not propagated: a JSON 503
-    # the client can retry on a replica that is not stopping.
+def _cut_off(*, client_gone: bool) -> Response:
+    # Cancelled because the client went away (http.protocol), or because
+    # SHUTDOWN_GRACE_S is over: uvicorn then cancels what still runs and
+    # would answer a plain-text 500 of its own. Either way the cancellation
+    # is the request's end, so it is answered, not propagated.
     task = asyncio.current_task()
     if task is not None:
         task.uncancel()
+    if client_gone:
+        # Nobody reads it; 499 (nginx's "client closed request") is for /metrics.
+        return error_response(499, "The client closed the request.")
+    # A JSON 503 the client can retry on a replica that is not stopping.
     return error_response(
         503,
         "The service stopped before the model answered; retry.",
