@@ -338,6 +338,10 @@ class RunsById:
             del self._runs[prediction_id]
         return run.result()
 
+    def __contains__(self, prediction_id: str) -> bool:
+        """Whether a run (running, or finished and unclaimed) is kept for this id."""
+        return prediction_id in self._runs
+
     def _keep_unclaimed(self, prediction_id: str, run: asyncio.Future[str]) -> None:
         if not run.cancelled():
             run.exception()  # retrieved here, so asyncio does not log it as lost
