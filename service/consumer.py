@@ -17,6 +17,7 @@ connection, and the task's redelivery takes its answer (see RunsById).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -219,21 +220,24 @@ class TaskConsumer:
     ) -> None:
         # Every task runs to its end before the message is settled: one
         # task's failed confirm must not settle the batch under the others.
-        steps = await asyncio.gather(*(self._run(t, redeliveries, alone) for t in tasks))
+        steps = await asyncio.gather(*(self._run(t, message, redeliveries, alone) for t in tasks))
+        if any(step.delivery_lost for step in steps):
+            # The broker took the message back when its channel closed, and
+            # delivers it again: nothing to settle, and nothing to put back
+            # (the redelivery runs what has no outcome yet).
+            return
         if alone:
             await self._settle_alone(steps[0], message)
             return
         retries = [step.retry for step in steps if step.retry is not None]
         if retries:
             await self._put_back(retries)
-            failed = sum(step.retry is not None and not step.unrecorded for step in steps)
-            self._metrics.put_back_failed.inc(failed)
+            self._metrics.put_back_failed.inc(len(retries))
         await _settle(message.ack())
 
     async def _settle_alone(self, step: _Step, message: MessageT) -> None:
         if step.retry is not None:
-            # Requeued: the broker counts the attempt in x-delivery-count. (An
-            # unrecorded outcome is in the mapping; the redelivery publishes it.)
+            # Requeued: the broker counts the attempt in x-delivery-count.
             await _settle(message.nack(requeue=True))
         elif step.gave_up:
             self._metrics.dead_lettered.labels("model_failed").inc()
@@ -241,13 +245,17 @@ class TaskConsumer:
         else:
             await _settle(message.ack())
 
-    async def _run(self, task: Accepted, redeliveries: int, alone: bool) -> _Step:
+    async def _run(
+        self, task: Accepted, message: MessageT, redeliveries: int, alone: bool
+    ) -> _Step:
         step = await self._step(task, redeliveries, alone)
         if step.outcome is None:
             return step
         # Recorded as soon as it is known, not when the whole batch is: if a
         # batch-mate then crashes the worker, this outcome survives. (Outcomes
-        # of the same loop turn still share one message.)
+        # of the same loop turn still share one message.) A known outcome is
+        # never requeued: each requeue counts a delivery, and enough of those
+        # dead-letter a task whose outcome is known, failing it everywhere.
         while True:
             try:
                 await self._journal.record((step.outcome,))
@@ -255,14 +263,24 @@ class TaskConsumer:
             except BrokerUnavailable as exc:
                 extra = {"prediction_id": task.prediction_id}
                 log.warning("could not record an outcome: %s", exc, extra=extra)
-            if not self._broker.is_up:
-                # Back on the work queue as it was; run again, it finds its outcome.
-                return _Step(retry=task, unrecorded=True)
-            # Connected but unconfirmed (a memory or disk alarm blocks
-            # publishers): keep the task and try again. Requeueing it would
-            # count a delivery, and enough of those dead-letter a task whose
-            # outcome is known.
-            await anyio.sleep(OUTCOME_RETRY_S)
+            if _delivery_lost(message):
+                # The connection dropped: the broker has the message back. Its
+                # redelivery finds this outcome in the mapping and publishes it.
+                return dataclasses.replace(step, delivery_lost=True)
+            await self._until_broker_may_confirm()
+
+    async def _until_broker_may_confirm(self) -> None:
+        """Wait for a reconnection, or OUTCOME_RETRY_S if connected.
+
+        Connected but unconfirmed means an alarm (memory, disk) blocks
+        publishers. Not connected, on a message's still open channel, means
+        aio-pika has restored the consumer but not yet told the broker link.
+        """
+        with anyio.move_on_after(OUTCOME_RETRY_S):
+            if self._broker.is_up:
+                await anyio.sleep(OUTCOME_RETRY_S)
+            else:
+                await self._broker.wait_up()
 
     async def _step(self, task: Accepted, redeliveries: int, alone: bool) -> _Step:
         """Run one task, unless its outcome is known or its attempts are used up."""
@@ -272,7 +290,9 @@ class TaskConsumer:
             # again (it may never have reached the stream) and do not rerun.
             return _Step(outcome=outcome_of(task.prediction_id, known))
         attempt = task.attempts + redeliveries + 1
-        if attempt > self._max_attempts:
+        # A run still kept here is the attempt the broker counted when the
+        # connection dropped, not a spent one: take its answer below.
+        if attempt > self._max_attempts and task.prediction_id not in self._runs:
             # Used up on earlier deliveries that ended without an outcome
             # (a crashed worker) or after a batch put the task back.
             spent = attempt - 1
@@ -360,7 +380,7 @@ class _Step:
     outcome: Outcome | None = None  # to record
     retry: Accepted | None = None  # to run again later
     gave_up: bool = False  # failed for good on this delivery
-    unrecorded: bool = False  # has an outcome the broker did not confirm
+    delivery_lost: bool = False  # its message's channel closed before the outcome was recorded
 
 
 def _tasks_in(message: Accepted | TaskBatch) -> list[Accepted]:
@@ -370,6 +390,15 @@ def _tasks_in(message: Accepted | TaskBatch) -> list[Accepted]:
 def _charged(task: Accepted, spent: int, last_error: str = "") -> Accepted:
     """The task with `spent` attempts used, to go back on the work queue alone."""
     return msgspec.structs.replace(task, attempts=spent, last_error=last_error or task.last_error)
+
+
+def _delivery_lost(message: MessageT) -> bool:
+    """Whether the channel the message came on has closed (the broker has it back)."""
+    try:
+        message.channel  # noqa: B018 - raises once the channel is closed
+    except aio_pika.exceptions.ChannelInvalidStateError:
+        return True
+    return False
 
 
 def _redeliveries(message: MessageT) -> int:

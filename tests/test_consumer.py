@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 
 import aio_pika
 import anyio
 import pytest
 
 from service import consumer
-from service.broker import Names
+from service.broker import TASK_KEY, Names
 from service.consumer import RunsById
 from service.model import ModelRunner
+from service.schemas import Accepted, json_encoder
 from service.settings import Settings
 from tests import predictors
 from tests.support import (
     LiveApp,
     close_service_connections,
     dead_letters,
+    free_port,
     live_app,
     settings_for_test,
     submit_async,
@@ -76,24 +79,83 @@ async def test_a_transient_model_failure_is_retried(rabbitmq_url: str) -> None:
         assert response.json()["output"]["result"] == "2"
 
 
+async def _publish_task(settings: Settings, task: Accepted) -> None:
+    """Publish a task as a replica's outbox does: to the stream and the work queue."""
+    connection = await aio_pika.connect(settings.rabbitmq_url, timeout=5)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        names = Names.for_namespace(settings.broker_namespace)
+        exchange = await channel.get_exchange(names.exchange)
+        message = aio_pika.Message(
+            json_encoder.encode(task), delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+        )
+        await exchange.publish(message, TASK_KEY)
+
+
+async def _drop_the_connection_mid_run(live: LiveApp, prediction_id: str, text: str) -> None:
+    """Wait until the model runs `text`, then have the broker drop the connection."""
+    with anyio.fail_after(5):
+        while predictors.calls.get(text) != 1:
+            await asyncio.sleep(0.01)
+    # As a broker restart would; the task comes back once the service reconnects.
+    assert close_service_connections(live.settings) == 1
+    still_running = await live.client.get(f"/predict/{prediction_id}")
+    assert still_running.status_code == 400, "the drop came too late to test anything"
+
+
 async def test_a_prediction_running_through_a_dropped_connection_is_not_run_again(
     rabbitmq_url: str,
 ) -> None:
     settings = settings_for_test(rabbitmq_url, predictor="tests.predictors:counts_calls")
     async with live_app(settings) as live:
         prediction_id = await submit_async(live.client, "4")
-        with anyio.fail_after(5):
-            while predictors.calls.get("4") != 1:
-                await asyncio.sleep(0.01)
-        # The broker drops the connection mid-prediction, as a restart
-        # would; the task comes back once the service reconnects.
-        assert close_service_connections(settings) == 1
-        still_running = await live.client.get(f"/predict/{prediction_id}")
-        assert still_running.status_code == 400, "the drop came too late to test anything"
+        await _drop_the_connection_mid_run(live, prediction_id, "4")
         response = await wait_finished(live.client, prediction_id)
         assert response.status_code == 200, response.text
         assert response.json()["output"]["result"] == "4"
         assert predictors.calls["4"] == 1
+
+
+async def test_the_redelivery_of_a_running_task_is_not_a_new_attempt(rabbitmq_url: str) -> None:
+    settings = settings_for_test(
+        rabbitmq_url, predictor="tests.predictors:counts_calls", max_attempts=3
+    )
+    async with live_app(settings) as live:
+        # Two attempts spent already (a batch put it back so), so this run is
+        # its last; the redelivery after the drop must take its answer, not
+        # count a fourth attempt and fail it.
+        task = Accepted(str(uuid.uuid4()), "4.0", 1e10, attempts=2)
+        await _publish_task(live.settings, task)
+        await _drop_the_connection_mid_run(live, task.prediction_id, "4.0")
+        response = await wait_finished(live.client, task.prediction_id)
+        assert response.status_code == 200, response.text
+        assert predictors.calls["4.0"] == 1
+
+
+async def test_an_outcome_known_during_an_outage_is_recorded_for_every_replica(
+    rabbitmq_url: str,
+) -> None:
+    # The model answers while the connection is down. On reconnection,
+    # aio-pika redelivers the task before the service hears it is back, so
+    # the first try to record the outcome fails: that must not requeue the
+    # task, which (with the drop's own return) would pass the delivery limit
+    # and fail it on every other replica.
+    settings = settings_for_test(
+        rabbitmq_url,
+        predictor="tests.predictors:counts_calls",
+        broker_reconnect_interval_s=3,
+    )
+    async with live_app(settings) as live:
+        prediction_id = await submit_async(live.client, "1.5")
+        await _drop_the_connection_mid_run(live, prediction_id, "1.5")
+        response = await wait_finished(live.client, prediction_id)
+        assert response.status_code == 200, response.text
+        # A replica started now knows only what the stream says.
+        async with live_app(settings.with_changes(port=free_port())) as other:
+            response = await wait_finished(other.client, prediction_id)
+            assert response.status_code == 200, response.text
+            assert response.json()["output"]["result"] == "1.5"
+    assert predictors.calls["1.5"] == 1
 
 
 async def test_an_unclaimed_run_is_forgotten_after_a_while(
