@@ -42,6 +42,7 @@ from service.schemas import (
     Outcome,
     TaskBatch,
     batched,
+    events_of,
     task_decoder,
 )
 
@@ -210,6 +211,11 @@ class TaskConsumer:
         # still in flight when the caller settles the original message.
         results = await asyncio.gather(
             *(self._broker.publish(m, RETRY_KEY) for m in messages), return_exceptions=True
+        )
+        published = [m for m, result in zip(messages, results, strict=True) if result is None]
+        self._metrics.messages_published.labels(RETRY_KEY).inc(len(published))
+        self._metrics.events_published.labels(RETRY_KEY).inc(
+            sum(len(events_of(m)) for m in published)
         )
         for result in results:
             if isinstance(result, BaseException):

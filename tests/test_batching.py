@@ -143,6 +143,11 @@ async def test_a_batch_beyond_the_free_model_slots_is_partly_put_back(
             assert response.json()["output"]["result"] == text[::-1]
         # Two slots: the first delivery runs two tasks and puts four back.
         assert await _metric(live.client, 'tasks_put_back_total{reason="busy"}') >= 4
+        # Put-backs are publishes too, counted under their routing key.
+        retried = 'broker_events_published_total{routing_key="retry"}'
+        assert await _metric(live.client, retried) >= 4
+        put_back = 'broker_messages_published_total{routing_key="retry"}'
+        assert await _metric(live.client, put_back) >= 1
         # Putting back never runs a task twice.
         completed = 'predictions_completed_total{mode="async"}'
         assert await _metric(live.client, completed) == len(inputs)
