@@ -11,14 +11,13 @@ this replica's free model slots, and every task of a batch that comes
 back after a crash are put back as messages of their own, carrying the
 attempts they have spent. A message that cannot be decoded is rejected
 into the dead-letter queue at once. A model run outlives a dropped
-connection, and the task's redelivery takes its answer (see RunsById).
+connection, and the task's redelivery takes its answer (see InFlight).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -52,9 +51,6 @@ log = logging.getLogger(__name__)
 PARK_MAX_S = 1.0
 # Pause between attempts to publish an outcome the broker did not confirm.
 OUTCOME_RETRY_S = 1.0
-# How long the answer of a run whose handler was cancelled waits for the
-# message's redelivery (it normally comes within a reconnection interval).
-ORPHAN_KEEP_S = 600.0
 
 MessageT = aio_pika.abc.AbstractIncomingMessage
 
@@ -72,11 +68,12 @@ class TaskConsumer:
     ) -> None:
         self._broker = broker
         self._journal = journal
-        self._runs = RunsById(runner)
+        self._runs = InFlight(runner)
         self._metrics = metrics
         self._max_attempts = max_attempts
         self._shutdown_grace_s = shutdown_grace_s
         self._handling = 0  # messages
+        self._handlings: set[asyncio.Task[None]] = set()
         self._holding = 0  # their tasks taken to run here, at most MODEL_CONCURRENCY
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -129,6 +126,17 @@ class TaskConsumer:
             )
 
     async def _on_message(self, message: MessageT) -> None:
+        # aio-pika cancels this callback when its connection drops, and the
+        # broker delivers the message again after the reconnection. The
+        # handling goes on in a task of its own, so a model run of 10-17 s
+        # is not thrown away: the redelivery waits for it (see InFlight), or
+        # finds its outcome in the mapping.
+        handling = asyncio.create_task(self._handle_counted(message))
+        self._handlings.add(handling)  # the loop keeps only a weak reference
+        handling.add_done_callback(self._handlings.discard)
+        await asyncio.shield(handling)
+
+    async def _handle_counted(self, message: MessageT) -> None:
         self._handling += 1
         self._idle.clear()
         try:
@@ -334,49 +342,46 @@ class TaskConsumer:
         return _Step(outcome=failed, gave_up=True)
 
 
-class RunsById:
-    """Model runs by prediction id, kept through a dropped connection.
+class InFlight:
+    """The model runs in progress here, by prediction id.
 
-    aio-pika cancels a message's handler when its connection drops, and the
-    broker delivers the message again after the reconnection. With a model
-    that takes seconds, rerunning it then would waste all the time already
-    spent, so the run itself is not cancelled: the redelivery waits for it,
-    or takes its answer if it has finished.
+    After a dropped connection the broker delivers a task again while the
+    first delivery's handling still runs its model (TaskConsumer._on_message
+    keeps it going). The redelivery waits for that run instead of starting
+    the model a second time. A plain future per run: a task per run cost a
+    fifth of the async pipeline's throughput.
     """
 
     def __init__(self, runner: ModelRunner) -> None:
         self._runner = runner
         self._runs: dict[str, asyncio.Future[str]] = {}
 
-    async def predict(self, prediction_id: str, input: str) -> str:
-        run = self._runs.get(prediction_id)
-        if run is None:
-            run = asyncio.ensure_future(self._runner.predict(input))
-            self._runs[prediction_id] = run
-        try:
-            await asyncio.wait((run,))
-        except asyncio.CancelledError:
-            run.add_done_callback(functools.partial(self._keep_unclaimed, prediction_id))
-            raise
-        # Claimed: this handler records the answer (or retries a failure),
-        # so a later delivery must not reuse it.
-        if self._runs.get(prediction_id) is run:
-            del self._runs[prediction_id]
-        return run.result()
-
     def __contains__(self, prediction_id: str) -> bool:
-        """Whether a run (running, or finished and unclaimed) is kept for this id."""
         return prediction_id in self._runs
 
-    def _keep_unclaimed(self, prediction_id: str, run: asyncio.Future[str]) -> None:
-        if not run.cancelled():
-            run.exception()  # retrieved here, so asyncio does not log it as lost
-        asyncio.get_running_loop().call_later(ORPHAN_KEEP_S, self._forget, prediction_id, run)
-
-    def _forget(self, prediction_id: str, run: asyncio.Future[str]) -> None:
-        # Never redelivered here (another replica took it): let it go.
-        if self._runs.get(prediction_id) is run:
+    async def predict(self, prediction_id: str, input: str) -> str:
+        running = self._runs.get(prediction_id)
+        if running is not None:
+            # Shielded: a waiter cancelled with its connection leaves the run be.
+            return await asyncio.shield(running)
+        run: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._runs[prediction_id] = run
+        try:
+            result = await self._runner.predict(input)
+        except asyncio.CancelledError:
+            run.cancel()
+            raise
+        except BaseException as exc:
+            run.set_exception(exc)
+            run.exception()  # retrieved, so asyncio does not log it if nobody waits
+            raise
+        finally:
+            # Its outcome reaches the mapping next (Journal.record), normally
+            # before any other task runs; a later delivery finds it there.
+            # (One in between would run the model again: wasted, not wrong.)
             del self._runs[prediction_id]
+        run.set_result(result)
+        return result
 
 
 @dataclass(frozen=True)
