@@ -163,15 +163,15 @@ class TaskConsumer:
                 # alone. None is charged for this return: the broker cannot
                 # say which task (if any) was at fault, and a task parked
                 # behind the model never ran.
-                await self._put_back(tasks)
+                await self._put_back(tasks, message)
                 self._metrics.put_back_redelivered.inc(len(tasks))
                 await _settle(message.ack())
                 return
             await self._take_and_process(tasks, message, redeliveries)
-        except BrokerUnavailable as exc:
-            # Outcomes are in the mapping; a redelivery publishes them again.
-            log.warning("could not record the outcome of a task message: %s", exc)
-            await _settle(message.nack(requeue=True))
+        except _DeliveryLost:
+            # The connection dropped before the tasks were put back: the
+            # broker has the message back and delivers it again.
+            return
 
     async def _take_and_process(
         self, tasks: list[Accepted], message: MessageT, redeliveries: int
@@ -185,7 +185,7 @@ class TaskConsumer:
             # Stopping, or parked too long: hand the message back, uncharged.
             # (A redelivered task keeps the count the broker had for it.)
             tasks = [_charged(task, task.attempts + redeliveries) for task in tasks]
-            await self._put_back([batched(tasks)])
+            await self._put_back([batched(tasks)], message)
             self._metrics.put_back_busy.inc(len(tasks))
             await _settle(message.ack())
             return
@@ -193,7 +193,7 @@ class TaskConsumer:
         self._holding += len(now)
         try:
             if later:
-                await self._put_back([batched(later)])
+                await self._put_back([batched(later)], message)
                 self._metrics.put_back_busy.inc(len(later))
             await self._process(now, message, redeliveries, alone=len(tasks) == 1)
         finally:
@@ -213,21 +213,36 @@ class TaskConsumer:
                 await self._slot_freed.wait()
         return self._holding < slots and not self._stopping.is_set()
 
-    async def _put_back(self, messages: Sequence[Message]) -> None:
-        """Publish to the work queue alone: the stream already has these tasks."""
-        # Every publish is awaited before an error is raised, so none is
-        # still in flight when the caller settles the original message.
-        results = await asyncio.gather(
-            *(self._broker.publish(m, RETRY_KEY) for m in messages), return_exceptions=True
-        )
-        published = [m for m, result in zip(messages, results, strict=True) if result is None]
-        self._metrics.messages_published.labels(RETRY_KEY).inc(len(published))
-        self._metrics.events_published.labels(RETRY_KEY).inc(
-            sum(len(events_of(m)) for m in published)
-        )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+    async def _put_back(self, messages: Sequence[Message], original: MessageT) -> None:
+        """Publish to the work queue alone: the stream already has these tasks.
+
+        Retried until confirmed, as long as `original` can still be settled:
+        requeueing it instead would count a delivery, and the broker would
+        dead-letter tasks that merely waited for a reconnection. Raises
+        _DeliveryLost once its channel has closed.
+        """
+        pending = list(messages)
+        while True:
+            # Every publish is awaited before an error is raised, so none is
+            # still in flight when the caller settles the original message.
+            results = await asyncio.gather(
+                *(self._broker.publish(m, RETRY_KEY) for m in pending), return_exceptions=True
+            )
+            published = [m for m, result in zip(pending, results, strict=True) if result is None]
+            self._metrics.messages_published.labels(RETRY_KEY).inc(len(published))
+            self._metrics.events_published.labels(RETRY_KEY).inc(
+                sum(len(events_of(m)) for m in published)
+            )
+            for result in results:
+                if isinstance(result, BaseException) and not isinstance(result, BrokerUnavailable):
+                    raise result
+            pending = [m for m, result in zip(pending, results, strict=True) if result is not None]
+            if not pending:
+                return
+            log.warning("could not put %d message(s) back on the work queue", len(pending))
+            if _delivery_lost(original):
+                raise _DeliveryLost
+            await self._until_broker_may_confirm()
 
     async def _process(
         self, tasks: list[Accepted], message: MessageT, redeliveries: int, *, alone: bool
@@ -245,7 +260,7 @@ class TaskConsumer:
             return
         retries = [step.retry for step in steps if step.retry is not None]
         if retries:
-            await self._put_back(retries)
+            await self._put_back(retries, message)
             self._metrics.put_back_failed.inc(len(retries))
         await _settle(message.ack())
 
@@ -270,18 +285,21 @@ class TaskConsumer:
         # of the same loop turn still share one message.) A known outcome is
         # never requeued: each requeue counts a delivery, and enough of those
         # dead-letter a task whose outcome is known, failing it everywhere.
+        # It is published even when the message's channel has closed: the
+        # broker may hand the redelivery to another replica, which must find
+        # this outcome on the stream rather than run the model again.
         while True:
             try:
                 await self._journal.record((step.outcome,))
-                return step
+                break
             except BrokerUnavailable as exc:
                 extra = {"prediction_id": task.prediction_id}
                 log.warning("could not record an outcome: %s", exc, extra=extra)
-            if _delivery_lost(message):
-                # The connection dropped: the broker has the message back. Its
-                # redelivery finds this outcome in the mapping and publishes it.
-                return dataclasses.replace(step, delivery_lost=True)
             await self._until_broker_may_confirm()
+        if _delivery_lost(message):
+            # The broker has the message back; its redelivery finds the outcome.
+            return dataclasses.replace(step, delivery_lost=True)
+        return step
 
     async def _until_broker_may_confirm(self) -> None:
         """Wait for a reconnection, or OUTCOME_RETRY_S if connected.
@@ -327,6 +345,14 @@ class TaskConsumer:
             if attempt >= self._max_attempts:
                 return self._give_up(task, attempt, str(exc))
             return _Step(retry=task)
+        return self._done(task, result)
+
+    def _done(self, task: Accepted, result: str) -> _Step:
+        known = self._journal.store.get(task.prediction_id)
+        if known is not None and known.finished:
+            # Joined the run of an earlier delivery, which has counted and
+            # recorded it already (InFlight); publish it for this delivery.
+            return _Step(outcome=outcome_of(task.prediction_id, known))
         self._metrics.completed_async.inc()
         log.info("prediction done", extra={"prediction_id": task.prediction_id})
         return _Step(outcome=Done(task.prediction_id, task.input, result, time.time()))
@@ -401,6 +427,10 @@ def _tasks_in(message: Accepted | TaskBatch) -> list[Accepted]:
 def _charged(task: Accepted, spent: int, last_error: str = "") -> Accepted:
     """The task with `spent` attempts used, to go back on the work queue alone."""
     return msgspec.structs.replace(task, attempts=spent, last_error=last_error or task.last_error)
+
+
+class _DeliveryLost(Exception):
+    """The channel a message came on closed before it could be settled."""
 
 
 def _delivery_lost(message: MessageT) -> bool:
