@@ -228,15 +228,16 @@ class TaskConsumer:
             results = await asyncio.gather(
                 *(self._broker.publish(m, RETRY_KEY) for m in pending), return_exceptions=True
             )
-            published = [m for m, result in zip(pending, results, strict=True) if result is None]
-            self._metrics.messages_published.labels(RETRY_KEY).inc(len(published))
-            self._metrics.events_published.labels(RETRY_KEY).inc(
-                sum(len(events_of(m)) for m in published)
-            )
-            for result in results:
-                if isinstance(result, BaseException) and not isinstance(result, BrokerUnavailable):
+            unconfirmed: list[Message] = []
+            for put_back, result in zip(pending, results, strict=True):
+                if result is None:
+                    self._metrics.messages_published.labels(RETRY_KEY).inc()
+                    self._metrics.events_published.labels(RETRY_KEY).inc(len(events_of(put_back)))
+                elif isinstance(result, BrokerUnavailable):
+                    unconfirmed.append(put_back)
+                else:
                     raise result
-            pending = [m for m, result in zip(pending, results, strict=True) if result is not None]
+            pending = unconfirmed
             if not pending:
                 return
             log.warning("could not put %d message(s) back on the work queue", len(pending))
@@ -308,11 +309,11 @@ class TaskConsumer:
         publishers. Not connected, on a message's still open channel, means
         aio-pika has restored the consumer but not yet told the broker link.
         """
+        if self._broker.is_up:
+            await anyio.sleep(OUTCOME_RETRY_S)
+            return
         with anyio.move_on_after(OUTCOME_RETRY_S):
-            if self._broker.is_up:
-                await anyio.sleep(OUTCOME_RETRY_S)
-            else:
-                await self._broker.wait_up()
+            await self._broker.wait_up()
 
     async def _step(self, task: Accepted, redeliveries: int, alone: bool) -> _Step:
         """Run one task, unless its outcome is known or its attempts are used up."""
