@@ -1,0 +1,93 @@
+"""STATE_DIR: the directory one replica keeps its on-disk state in.
+
+Unset, it is a temporary directory removed when the app stops, so every
+start replays the event stream from its beginning. Set to a directory that
+survives restarts (a volume), a restart resumes where the last run left
+off. Either way the directory is locked while a replica uses it: two live
+replicas writing one SQLite file would each resume from the other's
+offset, so the second one is refused at start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from service.settings import ConfigError
+
+LOCK_FILE = "lock"
+DATABASE_FILE = "state.sqlite3"
+
+
+class StateDir:
+    def __init__(self, path: Path, *, temporary: bool, lock_fd: int) -> None:
+        self.path = path
+        self.temporary = temporary
+        self._lock_fd: int | None = lock_fd
+
+    @property
+    def database(self) -> Path:
+        return self.path / DATABASE_FILE
+
+    @classmethod
+    def acquire(cls, setting: str) -> StateDir:
+        """Create (if needed) and lock the directory; ConfigError in one line if unusable."""
+        if not setting:
+            path = Path(tempfile.mkdtemp(prefix="prediction-service-state-"))
+            return cls(path, temporary=True, lock_fd=_lock(path, setting))
+        path = Path(setting)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            _check_writable(path)
+        except OSError as exc:
+            raise ConfigError(f"STATE_DIR={setting!r} is not writable: {_reason(exc)}") from None
+        return cls(path, temporary=False, lock_fd=_lock(path, setting))
+
+    def release(self) -> None:
+        """Unlock, and remove the directory if it was a temporary one."""
+        if self._lock_fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.close(self._lock_fd)  # closing drops the flock
+        self._lock_fd = None
+        if self.temporary:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _check_writable(path: Path) -> None:
+    # A probe file, not os.access: root passes access() on a read-only mount,
+    # and SQLite needs to create its -wal and -shm files beside the database.
+    probe = path / f".probe-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
+    database = path / DATABASE_FILE
+    if database.exists():
+        with database.open("r+b"):
+            pass
+
+
+def _lock(path: Path, setting: str) -> int:
+    try:
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ConfigError(f"STATE_DIR={setting!r} is not writable: {_reason(exc)}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ConfigError(
+            f"STATE_DIR={setting!r} is in use by another running replica (pid {holder}); "
+            "give each replica a directory of its own"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
