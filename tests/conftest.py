@@ -10,6 +10,7 @@ import pytest
 from yarl import URL
 
 from service.settings import Settings
+from tests import predictors
 from tests.support import BROKER_ROOT_URL, LiveApp, live_app, rabbitmqctl, settings_for_test
 
 
@@ -44,3 +45,10 @@ def settings(rabbitmq_url: str) -> Settings:
 async def live(settings: Settings) -> AsyncIterator[LiveApp]:
     async with live_app(settings) as app:
         yield app
+
+
+@pytest.fixture(autouse=True)
+def fresh_predictors() -> None:
+    """The test models count calls in module globals: each test starts from zero."""
+    predictors.calls.clear()
+    predictors.reset_attempts()

@@ -40,6 +40,10 @@ NOT_CALLABLE = 3
 _attempts: dict[str, int] = {}
 
 
+def reset_attempts() -> None:
+    _attempts.clear()
+
+
 def fails_first_time(text: str) -> str:
     """Fails on the first call for an input, answers the attempt number after."""
     _attempts[text] = _attempts.get(text, 0) + 1
