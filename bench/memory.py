@@ -21,9 +21,11 @@ import asyncio
 import gc
 import random
 import sys
+import tempfile
 import time
 import tracemalloc
 import uuid
+from pathlib import Path
 
 import msgspec
 
@@ -31,7 +33,9 @@ from bench.context import Context
 from bench.pipeline_client import SubmitResult
 from bench.procs import Server, delete_namespace, run_measured, running_service
 from bench.report import Goal, Row
+from service.disk import Identity
 from service.schemas import Accepted, Done
+from service.settings import Settings
 from service.store import ResultStore
 
 KIB = 1024
@@ -93,19 +97,26 @@ def heap_bytes_per_prediction(count: int) -> float:
 
 
 async def _traced_fill(count: int) -> float:
-    store = ResultStore(ttl_s=86_400)
-    gc.collect()
-    tracemalloc.start()
-    try:
-        before, _ = tracemalloc.get_traced_memory()
-        for index in range(count):
-            await _store_one(store, index)
-        gc.collect()
-        after, _ = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    if len(store) != count:
-        raise RuntimeError(f"stored {len(store)} of {count} predictions")
+    # The default budget holds them all: this is the memory tier's cost per entry.
+    with tempfile.TemporaryDirectory() as state_dir:
+        store = ResultStore(ttl_s=86_400, memory_max_bytes=Settings().results_memory_max_bytes)
+        await store.open(Path(state_dir) / "state.sqlite3", Identity("bench", "/"))
+        try:
+            gc.collect()
+            tracemalloc.start()
+            try:
+                before, _ = tracemalloc.get_traced_memory()
+                for index in range(count):
+                    await _store_one(store, index)
+                await store.flush()  # rows waiting for the disk are not what is kept
+                gc.collect()
+                after, _ = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+        finally:
+            await store.close()
+    if store.memory_entries != count:
+        raise RuntimeError(f"kept {store.memory_entries} of {count} predictions in memory")
     return (after - before) / count
 
 
@@ -113,5 +124,6 @@ async def _store_one(store: ResultStore, index: int) -> None:
     # One id, input and result string per prediction, as in the service
     # (where the Done event's own strings replace the Accepted event's).
     prediction_id, text, now_s = str(uuid.uuid4()), f"bench input {index:08d}", time.time()
-    await store.apply(Accepted(prediction_id, text, now_s))
-    await store.apply(Done(prediction_id, text, str(random.randint(1000, 20000)), now_s))
+    result = str(random.randint(1000, 20000))
+    await store.apply_logged([Accepted(prediction_id, text, now_s)])
+    await store.apply_logged([Done(prediction_id, text, result, now_s)])

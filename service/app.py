@@ -21,9 +21,11 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from yarl import URL
 
 from service.broker import Broker, BrokerUnavailable
 from service.consumer import TaskConsumer
+from service.disk import Identity
 from service.follower import EventFollower
 from service.http import api
 from service.http.docs import SwaggerDocs
@@ -37,6 +39,7 @@ from service.model import ModelRunner, Predictor, load_predictor
 from service.schemas import json_encoder
 from service.services import Services
 from service.settings import Settings
+from service.statedir import StateDir
 from service.store import ResultStore
 
 log = logging.getLogger(__name__)
@@ -46,9 +49,14 @@ Lifespan = Callable[[Starlette], AbstractAsyncContextManager[dict[str, Services]
 
 
 def create_app(settings: Settings | None = None, *, on_fatal: OnFatal | None = None) -> Starlette:
-    """The ASGI app. Raises ConfigError (one line) if a setting is unusable."""
+    """The ASGI app. Raises ConfigError (one line) if a setting is unusable.
+
+    It takes STATE_DIR's lock at once, so a second replica pointed at the
+    same directory fails to start with one line, before it serves anything.
+    """
     settings = settings or Settings.from_env()
     predictor = load_predictor(settings)
+    state_dir = StateDir.acquire(settings.state_dir)
     metrics = Metrics()
     docs = SwaggerDocs()
     openapi = json_encoder.encode(build_openapi(_version(), settings.max_wait_s))
@@ -74,7 +82,14 @@ def create_app(settings: Settings | None = None, *, on_fatal: OnFatal | None = N
         routes=routes,
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[Middleware(InstrumentMiddleware, metrics=metrics, route_of=route_of)],
-        lifespan=_lifespan(settings, predictor, metrics, stopping, on_fatal or _log_fatal),
+        lifespan=_lifespan(
+            settings,
+            predictor,
+            metrics,
+            state_dir,
+            stopping=stopping,
+            on_fatal=on_fatal or _log_fatal,
+        ),
     )
     # `/healthz/` answers the JSON 404 of any unknown path: Starlette's slash
     # redirect would be a 307 with an empty body, and every body is JSON.
@@ -89,13 +104,15 @@ def _lifespan(
     settings: Settings,
     predictor: Predictor,
     metrics: Metrics,
+    state_dir: StateDir,
+    *,
     stopping: asyncio.Event,
     on_fatal: OnFatal,
 ) -> Lifespan:
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[dict[str, Services]]:
         stopping.clear()
-        services = _build_services(settings, predictor, metrics)
+        services = _build_services(settings, predictor, metrics, state_dir)
         async with anyio.create_task_group() as tg:
             tg.start_soon(_run_broker_side, services, stopping, on_fatal)
             tg.start_soon(_release_waiters_when, stopping, services.store)
@@ -105,19 +122,26 @@ def _lifespan(
                 stopping.set()
                 await services.consumer.wait_drained()
                 tg.cancel_scope.cancel()
-        await services.broker.close()
+        try:
+            await services.store.close()
+        finally:
+            await services.broker.close()
+            state_dir.release()
 
     return lifespan
 
 
-def _build_services(settings: Settings, predictor: Predictor, metrics: Metrics) -> Services:
-    store = ResultStore(settings.result_ttl_s)
+def _build_services(
+    settings: Settings, predictor: Predictor, metrics: Metrics, state_dir: StateDir
+) -> Services:
+    store = ResultStore(settings.result_ttl_s, settings.results_memory_max_bytes)
     runner = ModelRunner(predictor, settings.model_concurrency, metrics.model_latency.observe)
     metrics.track(
         in_flight=lambda: runner.running,
         queue_depth=lambda: store.pending,
         long_polls=lambda: store.waiting,
     )
+    metrics.track_results(store)
     broker = Broker(settings)
     journal = Journal(store, broker, metrics)
     consumer = TaskConsumer(
@@ -129,16 +153,23 @@ def _build_services(settings: Settings, predictor: Predictor, metrics: Metrics) 
         shutdown_grace_s=settings.shutdown_grace_s,
     )
     follower = EventFollower(broker, store)
-    return Services(settings, store, runner, broker, journal, follower, consumer, metrics)
+    metrics.track_fences(follower.fences)
+    return Services(
+        settings, store, runner, broker, journal, follower, consumer, metrics, state_dir
+    )
 
 
 async def _run_broker_side(services: Services, stopping: asyncio.Event, on_fatal: OnFatal) -> None:
-    """Connect, replay the event stream, then consume tasks until stopping.
+    """Open the local state, connect, catch up with the stream, then consume tasks.
 
     Any failure here is fatal for the process: a replica that serves HTTP
     without its worker would only look alive. The orchestrator restarts it.
     """
     try:
+        settings = services.settings
+        identity = Identity(settings.broker_namespace, _vhost(settings.rabbitmq_url))
+        checkpoint = await services.store.open(services.state_dir.database, identity)
+        services.follower.resume_after(checkpoint)
         await services.broker.connect()
         await _follow_and_consume(services, stopping)
     except BrokerUnavailable as exc:
@@ -161,6 +192,10 @@ async def _follow_and_consume(services: Services, stopping: asyncio.Event) -> No
 async def _release_waiters_when(stopping: asyncio.Event, store: ResultStore) -> None:
     await stopping.wait()
     store.release_waiters()
+
+
+def _vhost(rabbitmq_url: str) -> str:
+    return URL(rabbitmq_url).path.removeprefix("/") or "/"
 
 
 def _version() -> str:

@@ -44,6 +44,7 @@ from service.schemas import (
     events_of,
     task_decoder,
 )
+from service.store import Prediction, StateUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -289,18 +290,25 @@ class TaskConsumer:
         # It is published even when the message's channel has closed: the
         # broker may hand the redelivery to another replica, which must find
         # this outcome on the stream rather than run the model again.
-        while True:
-            try:
-                await self._journal.record((step.outcome,))
-                break
-            except BrokerUnavailable as exc:
-                extra = {"prediction_id": task.prediction_id}
-                log.warning("could not record an outcome: %s", exc, extra=extra)
-            await self._until_broker_may_confirm()
+        try:
+            await self._record(step.outcome)
+        finally:
+            self._runs.forget(task.prediction_id)
         if _delivery_lost(message):
             # The broker has the message back; its redelivery finds the outcome.
             return dataclasses.replace(step, delivery_lost=True)
         return step
+
+    async def _record(self, outcome: Outcome) -> None:
+        """Publish an outcome, retrying until the broker confirms it."""
+        while True:
+            try:
+                await self._journal.record((outcome,))
+                return
+            except BrokerUnavailable as exc:
+                extra = {"prediction_id": outcome.prediction_id}
+                log.warning("could not record an outcome: %s", exc, extra=extra)
+            await self._until_broker_may_confirm()
 
     async def _until_broker_may_confirm(self) -> None:
         """Wait for a reconnection, or OUTCOME_RETRY_S if connected.
@@ -317,8 +325,8 @@ class TaskConsumer:
 
     async def _step(self, task: Accepted, redeliveries: int, alone: bool) -> _Step:
         """Run one task, unless its outcome is known or its attempts are used up."""
-        known = self._journal.store.get(task.prediction_id)
-        if known is not None and known.finished:
+        known = await self._known_outcome(task.prediction_id)
+        if known is not None:
             # Redelivered after its outcome was recorded: publish the outcome
             # again (it may never have reached the stream) and do not rerun.
             return _Step(outcome=outcome_of(task.prediction_id, known))
@@ -332,7 +340,7 @@ class TaskConsumer:
             error = task.last_error or f"the worker stopped during each of {spent} attempts"
             return self._give_up(task, spent, error)
         try:
-            result = await self._runs.predict(task.prediction_id, task.input)
+            result, joined = await self._runs.predict(task.prediction_id, task.input)
         except ModelError as exc:
             log.warning(
                 "model failed on %s: %s",
@@ -346,17 +354,24 @@ class TaskConsumer:
             if attempt >= self._max_attempts:
                 return self._give_up(task, attempt, str(exc))
             return _Step(retry=task)
-        return self._done(task, result)
+        return self._done(task, result, joined=joined)
 
-    def _done(self, task: Accepted, result: str) -> _Step:
-        known = self._journal.store.get(task.prediction_id)
-        if known is not None and known.finished:
-            # Joined the run of an earlier delivery, which has counted and
-            # recorded it already (InFlight); publish it for this delivery.
-            return _Step(outcome=outcome_of(task.prediction_id, known))
+    async def _known_outcome(self, prediction_id: str) -> Prediction | None:
+        try:
+            known = await self._journal.store.lookup(prediction_id)
+        except StateUnavailable:
+            return None  # running it again is waste, not harm: the first outcome wins
+        return known if isinstance(known, Prediction) else None
+
+    def _done(self, task: Accepted, result: str, *, joined: bool) -> _Step:
+        outcome = Done(task.prediction_id, task.input, result, time.time())
+        if joined:
+            # Joined the run of an earlier delivery, which counts it
+            # (InFlight); this delivery publishes it too.
+            return _Step(outcome=outcome)
         self._metrics.completed_async.inc()
         log.info("prediction done", extra={"prediction_id": task.prediction_id})
-        return _Step(outcome=Done(task.prediction_id, task.input, result, time.time()))
+        return _Step(outcome=outcome)
 
     def _give_up(self, task: Accepted, attempts: int, error: str) -> _Step:
         log.warning(
@@ -370,13 +385,16 @@ class TaskConsumer:
 
 
 class InFlight:
-    """The model runs in progress here, by prediction id.
+    """The model runs here whose outcome is not on the stream yet, by prediction id.
 
     After a dropped connection the broker delivers a task again while the
     first delivery's handling still runs its model (TaskConsumer._on_message
-    keeps it going). The redelivery waits for that run instead of starting
-    the model a second time. A plain future per run: a task per run cost a
-    fifth of the async pipeline's throughput.
+    keeps it going), or still waits for the broker to confirm its outcome.
+    The redelivery takes that run's answer instead of starting the model a
+    second time. A run is kept until `forget`, once its outcome is
+    published; outcomes are applied only when read back from the stream,
+    so until then this is the only place that knows it. A plain future per
+    run: a task per run cost a fifth of the async pipeline's throughput.
     """
 
     def __init__(self, runner: ModelRunner) -> None:
@@ -386,29 +404,38 @@ class InFlight:
     def __contains__(self, prediction_id: str) -> bool:
         return prediction_id in self._runs
 
-    async def predict(self, prediction_id: str, input: str) -> str:
+    async def predict(self, prediction_id: str, input: str) -> tuple[str, bool]:
+        """The model's answer, and whether it came from a run already kept here."""
         running = self._runs.get(prediction_id)
         if running is not None:
             # Shielded: a waiter cancelled with its connection leaves the run be.
-            return await asyncio.shield(running)
+            return await asyncio.shield(running), True
         run: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._runs[prediction_id] = run
         try:
             result = await self._runner.predict(input)
         except asyncio.CancelledError:
             run.cancel()
+            del self._runs[prediction_id]
             raise
         except BaseException as exc:
+            # A failed run is not kept: the next delivery tries again.
             run.set_exception(exc)
             run.exception()  # retrieved, so asyncio does not log it if nobody waits
-            raise
-        finally:
-            # Its outcome reaches the mapping next (Journal.record), normally
-            # before any other task runs; a later delivery finds it there.
-            # (One in between would run the model again: wasted, not wrong.)
             del self._runs[prediction_id]
+            raise
         run.set_result(result)
-        return result
+        return result, False
+
+    def forget(self, prediction_id: str) -> None:
+        """The run's outcome is on the stream: a later delivery finds it there.
+
+        (One between the broker's confirm and the follower reading it back,
+        a few ms, would run the model again: wasted, not wrong.)
+        """
+        run = self._runs.get(prediction_id)
+        if run is not None and run.done():
+            del self._runs[prediction_id]
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,22 @@
-"""Follows the broker's event stream into this replica's results mapping.
+"""Follows the broker's event stream into this replica's results view.
 
-On start it replays the retained history from the first offset, then
-keeps following. To know when the replay has caught up it appends a marker
-event of its own and waits to read it back: everything before the marker
-is then in the mapping. After a lost connection it resumes from the next
-offset it has not read, and catches up again the same way.
+It starts where the local state stands (the checkpoint on disk, or the
+stream's first offset), then keeps following. To know when it has caught
+up it appends a marker of its own and waits to read it back: everything
+before the marker is then applied. After a lost connection it resumes
+from the last message it applied.
+
+Resuming at an offset is checked: the message found there must be the
+one applied (same fingerprint). If retention has deleted it, or the
+stream was deleted and declared again, the local state no longer matches
+the stream, and it is rebuilt from the stream's start. So it is when a
+read finds the disk damaged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -22,6 +29,8 @@ import anyio.abc
 import msgspec
 
 from service.broker import EVENT_KEY, Broker, BrokerUnavailable
+from service.disk import Position
+from service.fence import Fences
 from service.schemas import Accepted, Event, Failed, Marker, events_of, message_decoder
 from service.store import ResultStore
 
@@ -34,10 +43,21 @@ class EventFollower:
     def __init__(self, broker: Broker, store: ResultStore) -> None:
         self._broker = broker
         self._store = store
-        self._next_offset: int | str = "first"
+        self._last_offset: int | None = None
+        self._last_body = b""
+        self._expect: Position | None = None  # to verify at the next subscription
         self._marker_id = ""
+        self._generation = 0  # of the subscription; deliveries of older ones are dropped
         self._unacked = 0
+        self._start_over = asyncio.Event()
         self.caught_up = asyncio.Event()
+        self.fences = Fences(self._publish_marker, broker.settings.publish_timeout_s)
+
+    def resume_after(self, checkpoint: Position | None) -> None:
+        """Start after this stream message (the disk's checkpoint), not at the first."""
+        if checkpoint is not None:
+            self._last_offset = checkpoint.offset
+            self._expect = checkpoint
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         """Follow forever; `started` once the first replay has caught up."""
@@ -45,17 +65,19 @@ class EventFollower:
         while True:
             await self._broker.wait_up()
             try:
-                await self._follow_until_disconnected(task_status if not started else None)
-                started = True
+                started |= await self._follow_until_interrupted(None if started else task_status)
             except (BrokerUnavailable, *aio_pika.exceptions.CONNECTION_EXCEPTIONS) as exc:
                 log.warning("event stream interrupted (%r); resuming", exc)
                 await anyio.sleep(self._broker.settings.broker_reconnect_interval_s)
             finally:
                 self.caught_up.clear()
+            if self._start_over.is_set() or self._store.damaged.is_set():
+                await self._rebuild()
 
-    async def _follow_until_disconnected(
+    async def _follow_until_interrupted(
         self, task_status: anyio.abc.TaskStatus[None] | None
-    ) -> None:
+    ) -> bool:
+        """Subscribe, catch up, follow; False if interrupted before catching up."""
         queue = self._broker.events_queue
         # A channel error closes the event channel alone; aio-pika reopens
         # it, but without this consumer, so it counts as a disconnection.
@@ -66,42 +88,119 @@ class EventFollower:
 
         channel = self._broker.events_channel
         channel.close_callbacks.add(on_channel_closed)
+        self._subscribe_from_last()
         # Not a robust consumer: aio-pika would restore it from the first
         # offset again; this loop resumes it from where it stopped instead.
         consumer_tag = await queue.consume(
-            self._on_message, arguments={"x-stream-offset": self._next_offset}, robust=False
+            functools.partial(self._on_message, self._generation),
+            arguments={"x-stream-offset": self._start_offset()},
+            robust=False,
         )
         try:
-            await self._catch_up()
+            interrupted = (
+                self._broker.wait_down,
+                channel_closed.wait,
+                self._start_over.wait,
+                self._store.damaged.wait,
+            )
+            await _first_of(self._catch_up, *interrupted)
+            if not self.caught_up.is_set():
+                return False
             if task_status is not None:
                 task_status.started()
-            await _first_of(self._broker.wait_down, channel_closed.wait)
+            await _first_of(*interrupted)
+            return True
         finally:
             channel.close_callbacks.discard(on_channel_closed)
             with anyio.CancelScope(shield=True), anyio.move_on_after(1):
                 await _quietly(queue.cancel(consumer_tag))
 
-    async def _catch_up(self) -> None:
+    def _subscribe_from_last(self) -> None:
+        self._generation += 1
+        # Set before the first delivery, which may come before the marker is sent.
         self._marker_id = uuid.uuid4().hex
+        if self._last_offset is not None and self._expect is None:
+            self._expect = Position.of(self._last_offset, self._last_body)
+
+    def _start_offset(self) -> int | str:
+        # From the last message applied itself, to check it is still that one.
+        return "first" if self._last_offset is None else self._last_offset
+
+    async def _catch_up(self) -> None:
         started_s = time.perf_counter()
-        await self._broker.publish(Marker(self._marker_id, time.time()), EVENT_KEY)
+        await self._publish_marker(self._marker_id)
         await self.caught_up.wait()
         log.info(
-            "event stream caught up in %.2f s (%d predictions known)",
+            "event stream caught up in %.2f s (%d pending, %d on disk)",
             time.perf_counter() - started_s,
-            len(self._store),
+            self._store.pending,
+            self._store.disk_entries,
         )
 
-    async def _on_message(self, message: MessageT) -> None:
+    async def _rebuild(self) -> None:
+        await self._store.reset()
+        self._last_offset, self._last_body, self._expect = None, b"", None
+        self._start_over.clear()
+
+    async def _publish_marker(self, marker_id: str) -> None:
+        await self._broker.publish(Marker(marker_id, time.time()), EVENT_KEY)
+
+    async def _on_message(self, generation: int, message: MessageT) -> None:
+        # Every decision is taken before the first await: aio-pika runs each
+        # delivery as a task of its own, and only this part runs in order.
         offset = (message.headers or {}).get("x-stream-offset")
-        if isinstance(offset, int):
-            self._next_offset = offset + 1
+        if (
+            generation != self._generation
+            or not isinstance(offset, int)
+            or not self._is_new(offset, message.body)
+        ):
+            await self._ack(message)
+            return
         events = _decode(message)
+        self._last_offset, self._last_body = offset, message.body
         for event in events:
-            if isinstance(event, Marker) and event.marker_id == self._marker_id:
-                self.caught_up.set()
-        await self._store.apply_many(events)
+            if isinstance(event, Marker):
+                self._on_marker(event.marker_id)
+        await self._store.apply_logged(events, offset, message.body)
         await self._ack(message)
+
+    def _is_new(self, offset: int, body: bytes) -> bool:
+        """Whether to apply this message: not one applied already, and no start-over due."""
+        if self._start_over.is_set():
+            return False
+        expect = self._expect
+        if expect is not None:
+            if offset < expect.offset and not self._holds_our_marker(body):
+                return False  # the broker starts at the head of the chunk holding `expect`
+            if Position.of(offset, body) == expect:
+                self._expect, self._last_body = None, body
+                return False
+            self._stream_moved_on(expect)
+            return False
+        return self._last_offset is None or offset > self._last_offset
+
+    def _holds_our_marker(self, body: bytes) -> bool:
+        # Our marker before the expected offset: the stream is shorter than
+        # the state (deleted and declared again since).
+        try:
+            events = events_of(message_decoder.decode(body))
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            return False
+        return any(isinstance(e, Marker) and e.marker_id == self._marker_id for e in events)
+
+    def _stream_moved_on(self, expect: Position) -> None:
+        log.warning(
+            "the event stream no longer holds the message the local state ends at "
+            "(offset %d: retention deleted it, or the stream was declared anew); "
+            "rebuilding the state from the start of the stream",
+            expect.offset,
+        )
+        self._start_over.set()
+
+    def _on_marker(self, marker_id: str) -> None:
+        if marker_id == self._marker_id:
+            self.caught_up.set()
+        self.fences.seen(marker_id)
 
     async def _ack(self, message: MessageT) -> None:
         # Acking in batches (multiple=True) saves a frame per event; any

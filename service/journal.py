@@ -1,9 +1,11 @@
-"""Writing prediction events: into this replica's mapping and onto the broker.
+"""Writing prediction events onto the broker's stream.
 
-Events are applied locally first, so the replica that made one answers
-for it at once, and then published with a confirm, so every other replica
-(and this one after a restart) reads it back from the stream. Both kinds
-go through an `Outbox`, so events made in the same instant share a message.
+Every event is published with a confirm, and counts for every replica,
+this one included, once read back from the stream (service/follower.py):
+two replicas that both ran a task keep the same outcome, the first on the
+stream. The one thing noted locally at once is a task this replica
+accepts, so its client's first GET says "still processing". Both kinds go
+through an `Outbox`, so events made in the same instant share a message.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ class Journal:
         self._outcomes = Outbox(broker, EVENT_KEY, metrics)
 
     async def accept(self, task: Accepted) -> None:
-        """Record a new task and hand it to the broker (BrokerUnavailable if it won't)."""
-        await self.store.apply(task)
+        """Note a new task and hand it to the broker (BrokerUnavailable if it won't)."""
+        await self.store.note_accepted(task)
         try:
             await self._tasks.publish((task,))
         except BaseException:
@@ -35,7 +37,7 @@ class Journal:
             raise
 
     async def record(self, outcomes: Sequence[Outcome]) -> None:
-        await self.store.apply_many(outcomes)
+        """Publish outcomes; the follower applies them when it reads them back."""
         await self._outcomes.publish(outcomes)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from itertools import accumulate
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Gauge, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -17,6 +18,22 @@ MODEL_BUCKETS_S = (0.005, 0.025, 0.1, 0.5, 1, 2.5, 5, 10, 12, 14, 16, 18, 30, 60
 HTTP_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5, 10, 20, 60)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class ResultTiers(Protocol):
+    """What /metrics reads of the results view (service/store.py)."""
+
+    @property
+    def memory_bytes(self) -> int: ...
+    @property
+    def memory_entries(self) -> int: ...
+
+    disk_entries: int
+    cold_reads: int
+
+
+class MarkerCount(Protocol):
+    sent: int
 
 
 class Metrics:
@@ -98,6 +115,44 @@ class Metrics:
         self.queue_depth.set_function(queue_depth)
         self.long_polls.set_function(long_polls)
 
+    def track_results(self, tiers: ResultTiers) -> None:
+        """Memory and disk tiers of the results view, read at scrape time."""
+        gauges = (
+            (
+                "results_memory_bytes",
+                "Bytes of inputs and results held in memory (budget: RESULTS_MEMORY_MAX_BYTES)",
+                lambda: tiers.memory_bytes,
+            ),
+            (
+                "results_memory_entries",
+                "Predictions held in memory (pending and recently used)",
+                lambda: tiers.memory_entries,
+            ),
+            (
+                "results_disk_entries",
+                "Predictions in the on-disk state store",
+                lambda: tiers.disk_entries,
+            ),
+        )
+        for name, documentation, read in gauges:
+            Gauge(name, documentation, registry=self.registry).set_function(read)
+        self.registry.register(
+            FunctionCounter(
+                "results_cold_reads",
+                "Finished predictions read from disk because memory no longer held them",
+                lambda: tiers.cold_reads,
+            )
+        )
+
+    def track_fences(self, markers: MarkerCount) -> None:
+        self.registry.register(
+            FunctionCounter(
+                "event_stream_fences",
+                "Markers written and read back before answering 404 (one per batch of lookups)",
+                lambda: markers.sent,
+            )
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -152,6 +207,18 @@ class LoopCounter(Collector):
         for values, series in self._series.items():
             family.add_metric(list(values), series.value)
         yield family
+
+
+class FunctionCounter(Collector):
+    """A counter kept elsewhere as a plain int, exposed at scrape time."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self._name, self._documentation, value=self._read())
 
 
 class LatencyHistogram:

@@ -11,6 +11,7 @@ from service.journal import Journal
 from service.metrics import Metrics
 from service.model import ModelRunner
 from service.settings import Settings
+from service.statedir import StateDir
 from service.store import ResultStore
 
 
@@ -24,9 +25,14 @@ class Services:
     follower: EventFollower
     consumer: TaskConsumer
     metrics: Metrics
+    state_dir: StateDir
 
     def not_ready_reason(self) -> str | None:
         """Why this replica should not get traffic yet, or None if it should."""
+        if not self.store.is_open:
+            return "Opening the local state."
+        if self.store.write_error is not None:
+            return f"The local state cannot be written: {self.store.write_error}."
         if not self.broker.is_up:
             return "The broker connection is down."
         if not self.follower.caught_up.is_set():

@@ -42,6 +42,10 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", forbid_unknown_field
     result_ttl_s: Positive = 86_400
     shutdown_grace_s: NonNegative = 30
     max_wait_s: NonNegative = 60
+    # Bytes of inputs and results kept in memory; the rest is on disk (STATE_DIR).
+    results_memory_max_bytes: PositiveInt = 268_435_456
+    # Where the on-disk state lives; empty: a temporary directory, removed at exit.
+    state_dir: str = ""
     stream_prefetch: PositiveInt = 2_000
     # Most events one broker message carries; 1 publishes each alone, as
     # versions before batching did and as they need to read (rolling upgrade).

@@ -1,110 +1,174 @@
-"""The results mapping: the state built from prediction events.
+"""The results view: what the event stream says about each prediction.
 
-Every change goes through `apply(event)`, whether the event was made here
-(a POST, a finished task) or read back from the broker's event stream, so
-a replica that replays the stream rebuilds exactly this mapping. Applying
-is idempotent: the first outcome recorded for a prediction wins, and no
-event turns a finished prediction back into a pending one.
+Only events read back from the stream change it (`apply_logged`), in the
+stream's order, so every replica ends with the same answer for every id:
+the first outcome on the stream, whoever computed it. The one exception
+is the stub a replica notes for a task it has just accepted, so that its
+own client's first GET says "still processing"; that stub is memory only
+and is replaced by the stream's own "accepted" event when it comes back.
 
-Entries expire `ttl_s` after their last change. The dict is kept in order
-of last change, so eviction only ever looks at its head.
+Three places hold a prediction:
+
+- pending ones, as a stub of a few dozen bytes (the input stays on disk);
+- finished ones recently written or read, in memory within
+  RESULTS_MEMORY_MAX_BYTES (service/hot.py);
+- every one, on disk (service/disk.py), written behind (service/writeback.py).
+
+Entries expire RESULT_TTL_S after their last change.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import anyio
+import anyio.to_thread
 import msgspec
 
+from service.disk import Corrupt, DiskStore, Identity, LargeInput, Position, Row
+from service.hot import HotCache, Prediction
 from service.schemas import Accepted, Done, Event, Failed, Marker
+from service.writeback import WriteBehind
+
+__all__ = ["Pending", "Prediction", "ResultStore", "StateUnavailable"]
+
+log = logging.getLogger(__name__)
+
+# A pending stub: its id string, the struct, a dict slot.
+PENDING_ENTRY_BYTES = 200
+# Rows waiting for the disk, at most this share of the memory budget.
+WRITE_BUFFER_SHARE = 4
+SWEEP_INTERVAL_MAX_S = 60.0
 
 
-class Prediction(msgspec.Struct, gc=False):
-    """One stored prediction. `gc=False` and few fields keep 100k of them small."""
+class Pending(msgspec.Struct, gc=False):
+    """An accepted prediction with no outcome yet."""
 
-    input: str
-    updated_at_s: float
-    result: str | None = None
-    error: str | None = None
+    at_s: float
+    logged: bool = True  # False: noted at accept time, not read back from the stream yet
 
-    @property
-    def finished(self) -> bool:
-        return self.result is not None or self.error is not None
+
+class StateUnavailable(Exception):
+    """The local state cannot answer right now (damaged, being rebuilt)."""
+
+
+Found = Prediction | Pending | None
 
 
 class ResultStore:
-    def __init__(self, ttl_s: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, ttl_s: float, memory_max_bytes: int, clock: Callable[[], float] = time.time
+    ) -> None:
         self._ttl_s = ttl_s
         self._clock = clock
         self._lock = asyncio.Lock()
-        self._entries: dict[str, Prediction] = {}
+        self._hot = HotCache(memory_max_bytes)
+        self._pending: dict[str, Pending] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
-        self._pending = 0
+        self._writes = WriteBehind(
+            max(memory_max_bytes // WRITE_BUFFER_SHARE, 1),
+            min(SWEEP_INTERVAL_MAX_S, max(ttl_s / 10, 1.0)),
+            on_committed=self._evict,
+            on_swept=self._count_swept,
+        )
+        self._disk: DiskStore | None = None
+        self._large_reads = anyio.CapacityLimiter(1)
         self._closed = False
+        self.disk_entries = 0
+        self.cold_reads = 0
+        # Set when a read finds the disk damaged; the follower rebuilds.
+        self.damaged = asyncio.Event()
 
-    def __len__(self) -> int:
-        return len(self._entries)
+    # -- lifecycle --------------------------------------------------------------
 
-    @property
-    def pending(self) -> int:
-        """Accepted predictions with no outcome yet."""
-        return self._pending
-
-    @property
-    def waiting(self) -> int:
-        return sum(len(futures) for futures in self._waiters.values())
-
-    async def apply(self, event: Event) -> bool:
-        """Record an event; True if it changed anything."""
-        return await self.apply_many((event,)) > 0
-
-    async def apply_many(self, events: Sequence[Event]) -> int:
-        """Record events in order, under one lock; how many changed anything."""
-        fresh: list[Accepted | Done | Failed] = [
-            e for e in events if not isinstance(e, Marker) and not self._expired(e.at_s)
-        ]
-        if not fresh:
-            return 0
-        changed: list[Accepted | Done | Failed] = []
+    async def open(self, path: Path, identity: Identity) -> Position | None:
+        """Open the disk tier, load its pending stubs; the stream position it reflects."""
+        disk = await anyio.to_thread.run_sync(DiskStore.open, path, identity)
+        if disk.rebuilt_because:
+            log.warning(
+                "the state in %s was not usable (%s); rebuilding it from the event stream",
+                path.parent,
+                disk.rebuilt_because,
+            )
+        pending, count, checkpoint = await anyio.to_thread.run_sync(
+            _load, disk, self._clock() - self._ttl_s
+        )
         async with self._lock:
-            for event in fresh:
-                if self._apply(event):
-                    changed.append(event)
-            self._evict_expired()
-        for event in changed:
-            if not isinstance(event, Accepted):
-                self._wake(event.prediction_id)
-        return len(changed)
+            loaded = {prediction_id: Pending(at_s) for prediction_id, at_s in pending}
+            self._pending = loaded | self._pending  # keep stubs noted meanwhile
+            self._disk = disk
+            self.disk_entries = count
+            self._writes.attach(disk, lambda: self._clock() - self._ttl_s)
+        return checkpoint
 
-    def get(self, prediction_id: str) -> Prediction | None:
-        # Writers hold the lock; a read needs none: it never awaits, so on
-        # one event loop no write can interleave with it. (This is the
-        # hottest call of a GET.)
-        entry = self._entries.get(prediction_id)
-        if entry is not None and self._expired(entry.updated_at_s):
+    async def reset(self) -> None:
+        """Forget everything the stream said: it is about to be read from its start."""
+        async with self._lock:
+            self._hot.clear()
+            self._pending = {k: v for k, v in self._pending.items() if not v.logged}
+        await self._writes.discard()
+        if self._disk is not None:
+            await self._writes.run(self._disk.wipe)
+        self.disk_entries = 0
+        self.damaged.clear()
+
+    async def flush(self) -> None:
+        """Return once everything applied so far is on disk."""
+        await self._writes.drain()
+
+    async def close(self) -> None:
+        """Write what waits, then close the file."""
+        await self._writes.drain()
+        if self._disk is not None:
+            disk, self._disk = self._disk, None
+            await self._writes.run(disk.close)
+
+    # -- reading ---------------------------------------------------------------
+
+    def get(self, prediction_id: str) -> Found:
+        """What memory holds: a dict lookup or two, no I/O (the GET hot path)."""
+        entry = self._hot.get(prediction_id)
+        if entry is not None:
+            return None if self._expired(entry.updated_at_s) else entry
+        pending = self._pending.get(prediction_id)
+        if pending is None or self._expired(pending.at_s):
             return None
+        return pending
+
+    async def lookup(self, prediction_id: str) -> Found:
+        """Memory, then disk: a finished prediction read from disk stays in memory a while."""
+        found = self.get(prediction_id)
+        if found is not None or self._disk is None:
+            return found
+        row = await self._read(prediction_id)
+        if row is None or self._expired(row.updated_at_s):
+            return None
+        if not row.finished:
+            return Pending(row.updated_at_s)
+        self.cold_reads += 1
+        already = self._hot.get(prediction_id)  # learnt while a thread read it
+        if already is not None:
+            return already
+        entry = Prediction(row.input, row.updated_at_s, row.result, row.error)
+        self._hot.put(prediction_id, entry)
+        self._evict(self._writes.committed)
         return entry
 
-    async def forget_pending(self, prediction_id: str) -> None:
-        """Drop an accepted prediction whose task never reached the broker."""
-        async with self._lock:
-            entry = self._entries.get(prediction_id)
-            if entry is not None and not entry.finished:
-                del self._entries[prediction_id]
-                self._pending -= 1
+    async def wait_finished(self, prediction_id: str, timeout_s: float) -> Found:
+        """The prediction once finished, or as it stands after `timeout_s`.
 
-    async def wait_finished(self, prediction_id: str, timeout_s: float) -> Prediction | None:
-        """The entry once finished, or as it stands after `timeout_s`.
-
-        The waiter is a bare future resolved by `apply`: nothing polls, so a
-        thousand waiting requests cost a thousand futures and no CPU.
+        The waiter is a bare future resolved when the stream brings the
+        outcome: nothing polls, so a thousand waiting requests cost a
+        thousand futures and no CPU.
         """
-        entry = self.get(prediction_id)
-        if entry is None or entry.finished or self._closed or timeout_s <= 0:
-            return entry
+        found = await self.lookup(prediction_id)
+        if not isinstance(found, Pending) or self._closed or timeout_s <= 0:
+            return found
         future = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(prediction_id, []).append(future)
         try:
@@ -112,7 +176,7 @@ class ResultStore:
                 await future
         finally:
             self._discard_waiter(prediction_id, future)
-        return self.get(prediction_id)
+        return await self.lookup(prediction_id)
 
     def release_waiters(self) -> None:
         """Answer every long poll now (shutdown must not wait for them)."""
@@ -120,32 +184,136 @@ class ResultStore:
         for prediction_id in list(self._waiters):
             self._wake(prediction_id)
 
-    def _apply(self, event: Accepted | Done | Failed) -> bool:
-        entry = self._entries.get(event.prediction_id)
-        if isinstance(event, Accepted):
-            if entry is not None:
+    # -- what the stream says ------------------------------------------------
+
+    async def apply_logged(
+        self, events: Sequence[Event], offset: int | None = None, body: bytes = b""
+    ) -> None:
+        """Apply one stream message's events, in order; `offset` is where it stands."""
+        rows: list[Row] = []
+        finished: list[str] = []
+        async with self._lock:
+            for event in events:
+                if isinstance(event, Marker) or self._expired(event.at_s):
+                    continue
+                if isinstance(event, Accepted):
+                    self._apply_accepted(event, rows)
+                elif self._apply_outcome(event, rows):
+                    finished.append(event.prediction_id)
+            self._writes.add(rows, offset, body, sum(_row_bytes(row) for row in rows))
+            self._expire_pending()
+            self._evict(self._writes.committed)
+        for prediction_id in finished:
+            self._wake(prediction_id)
+        await self._writes.room()
+
+    async def note_accepted(self, task: Accepted) -> None:
+        """A task this replica accepted: pending here at once, before the stream says so."""
+        async with self._lock:
+            if task.prediction_id not in self._pending and task.prediction_id not in self._hot:
+                self._pending[task.prediction_id] = Pending(task.at_s, logged=False)
+
+    async def forget_pending(self, prediction_id: str) -> None:
+        """Drop the stub of an accepted task that never reached the broker."""
+        async with self._lock:
+            stub = self._pending.get(prediction_id)
+            if stub is not None and not stub.logged:
+                del self._pending[prediction_id]
+
+    def _apply_accepted(self, event: Accepted, rows: list[Row]) -> None:
+        stub = self._pending.get(event.prediction_id)
+        if (stub is not None and stub.logged) or event.prediction_id in self._hot:
+            return  # known already: the stream has it once, a replay again
+        self._pending[event.prediction_id] = Pending(event.at_s)
+        rows.append(Row(event.prediction_id, event.at_s, event.input))
+        self.disk_entries += 1
+
+    def _apply_outcome(self, event: Done | Failed, rows: list[Row]) -> bool:
+        """Record the first outcome of a prediction; False for any later one."""
+        prediction_id = event.prediction_id
+        if prediction_id in self._hot:
+            return False
+        stub = self._pending.pop(prediction_id, None)
+        if stub is None or not stub.logged:
+            on_disk = self._head(prediction_id)
+            if on_disk is not None and (not isinstance(on_disk, Row) or on_disk.finished):
                 return False
-            self._entries[event.prediction_id] = Prediction(event.input, event.at_s)
-            self._pending += 1
-            return True
-        if entry is not None:
-            if entry.finished:
-                return False
-            self._pending -= 1
-            # Re-insert so the dict stays ordered by last change.
-            del self._entries[event.prediction_id]
-        self._entries[event.prediction_id] = _finished(event)
+            self.disk_entries += on_disk is None
+        result, error = (event.result, None) if isinstance(event, Done) else (None, event.error)
+        entry = Prediction(event.input, event.at_s, result, error, seq=self._writes.seq)
+        self._hot.put(prediction_id, entry)
+        rows.append(Row(prediction_id, event.at_s, event.input, result, error))
         return True
 
-    def _evict_expired(self) -> None:
-        entries = self._entries
-        while entries:
-            oldest_id = next(iter(entries))
-            oldest = entries[oldest_id]
-            if not self._expired(oldest.updated_at_s):
+    # -- internals ---------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Accepted predictions with no outcome yet."""
+        return len(self._pending)
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(futures) for futures in self._waiters.values())
+
+    @property
+    def memory_bytes(self) -> int:
+        return self._hot.bytes + len(self._pending) * PENDING_ENTRY_BYTES
+
+    @property
+    def memory_entries(self) -> int:
+        return len(self._hot) + len(self._pending)
+
+    @property
+    def is_open(self) -> bool:
+        return self._disk is not None
+
+    @property
+    def write_error(self) -> str | None:
+        return self._writes.error
+
+    async def _read(self, prediction_id: str) -> Row | None:
+        disk = self._disk
+        assert disk is not None
+        try:
+            head = disk.head(prediction_id)
+            if isinstance(head, LargeInput):
+                return await anyio.to_thread.run_sync(
+                    disk.read, prediction_id, limiter=self._large_reads
+                )
+        except (Corrupt, sqlite3.DatabaseError) as exc:
+            self._found_damage(exc)
+            raise StateUnavailable("the local state is damaged and being rebuilt") from None
+        return head
+
+    def _head(self, prediction_id: str) -> Row | LargeInput | None:
+        """The disk's row for an outcome memory cannot place (rare: see apply_logged)."""
+        if self._disk is None:
+            return None
+        try:
+            return self._disk.head(prediction_id)
+        except (Corrupt, sqlite3.DatabaseError) as exc:
+            self._found_damage(exc)
+            return None
+
+    def _found_damage(self, exc: Exception) -> None:
+        if not self.damaged.is_set():
+            log.error("the local state is damaged (%s); rebuilding it from the event stream", exc)
+            self.damaged.set()
+
+    def _evict(self, committed_seq: int) -> None:
+        self._hot.evict(committed_seq, len(self._pending) * PENDING_ENTRY_BYTES)
+
+    def _count_swept(self, deleted: int) -> None:
+        self.disk_entries = max(0, self.disk_entries - deleted)
+
+    def _expire_pending(self) -> None:
+        pending = self._pending
+        while pending:
+            oldest_id = next(iter(pending))
+            if not self._expired(pending[oldest_id].at_s):
                 return
-            del entries[oldest_id]
-            self._pending -= not oldest.finished
+            del pending[oldest_id]
 
     def _expired(self, at_s: float) -> bool:
         return at_s < self._clock() - self._ttl_s
@@ -165,7 +333,10 @@ class ResultStore:
             del self._waiters[prediction_id]
 
 
-def _finished(event: Done | Failed) -> Prediction:
-    if isinstance(event, Done):
-        return Prediction(event.input, event.at_s, result=event.result)
-    return Prediction(event.input, event.at_s, error=event.error)
+def _load(disk: DiskStore, since_s: float) -> tuple[list[tuple[str, float]], int, Position | None]:
+    return disk.pending(since_s), disk.count(), disk.checkpoint()
+
+
+def _row_bytes(row: Row) -> int:
+    # What a queued row holds beyond what memory already counts: its input.
+    return len(row.input) + 200

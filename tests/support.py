@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,20 @@ def rabbitmqctl(*args: str) -> str:
         ["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=60
     )
     return done.stdout
+
+
+@contextlib.contextmanager
+def broker_memory_alarm() -> Iterator[None]:
+    """The broker's memory alarm on (it blocks every publisher), then its old watermark back."""
+    found = rabbitmqctl("eval", "vm_memory_monitor:get_vm_memory_high_watermark().").strip()
+    # `0.4` (relative) or `{absolute,1073741824}`.
+    absolute = re.fullmatch(r"\{absolute,(\d+)\}", found)
+    restore = ["absolute", absolute[1]] if absolute else [found]
+    rabbitmqctl("set_vm_memory_high_watermark", "absolute", "1")
+    try:
+        yield
+    finally:
+        rabbitmqctl("set_vm_memory_high_watermark", *restore)
 
 
 def _ephemeral_ports() -> range:

@@ -198,10 +198,13 @@ async def test_a_second_delivery_waits_for_the_run_in_flight() -> None:
     cancelled = asyncio.ensure_future(runs.predict("id-1", "0.2"))
     await asyncio.sleep(0.01)
     cancelled.cancel()
-    assert await runs.predict("id-1", "0.2") == "0.2"
-    assert await first == "0.2"
+    assert await runs.predict("id-1", "0.2") == ("0.2", True)  # joined, not run again
+    assert await first == ("0.2", False)
     assert predictors.calls["0.2"] == 1
-    # Done runs are not kept: a later delivery (a real retry) runs again.
+    # Kept until its outcome is published: a redelivery meanwhile takes it.
+    assert await runs.predict("id-1", "0.2") == ("0.2", True)
+    runs.forget("id-1")
+    # Then a later delivery (a real retry) runs again.
     assert "id-1" not in runs
-    assert await runs.predict("id-1", "0.2") == "0.2"
+    assert await runs.predict("id-1", "0.2") == ("0.2", False)
     assert predictors.calls["0.2"] == 2

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -35,15 +37,20 @@ from service.schemas import (
     json_encoder,
 )
 from service.services import Services
-from service.store import Prediction
+from service.store import Found, Pending, StateUnavailable
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 ACCEPTED_MESSAGE = "Request received. Processing asynchronously."
 STILL_PROCESSING = "Prediction is still being processed."
 NOT_FOUND = "Prediction ID not found."
 # Seconds a client should wait before retrying a 503: about one reconnect.
 RETRY_AFTER_S = "5"
+# What `_accept` issues (str(uuid.uuid4())): any other id is unknown to every
+# replica, so its 404 needs no look at the stream.
+ISSUED_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 
 # Constant bodies are encoded once.
 _HEALTHY = json_encoder.encode(StatusResponse("ok"))
@@ -142,24 +149,52 @@ async def get_prediction(scope: Scope) -> Response:
     services: Services = scope["state"]["services"]
     prediction_id: str = scope["path_params"]["prediction_id"]
     wait_s = requested_wait_s(scope, services.settings.max_wait_s)
+    entry = services.store.get(prediction_id)  # memory: the hot path
+    if entry is None:
+        entry = await _find(services, prediction_id)
     if wait_s is None:
-        entry = services.store.get(prediction_id)
         return _prediction_response(prediction_id, entry)
-    entry = await services.store.wait_finished(prediction_id, wait_s)
+    if isinstance(entry, Pending):
+        entry = await _unavailable_as_503(services.store.wait_finished(prediction_id, wait_s))
     response = _prediction_response(prediction_id, entry)
     response.headers["Preference-Applied"] = f"wait={wait_s:g}"
     return response
 
 
-def _prediction_response(prediction_id: str, entry: Prediction | None) -> Response:
+async def _find(services: Services, prediction_id: str) -> Found:
+    """Disk, then, before saying "unknown", the stream read up to this request.
+
+    Another replica may have answered 202 for this id a moment ago; once
+    this replica has read its own marker back, it has read that task too
+    (service/fence.py). A 404 is then true on every replica.
+    """
+    found = await _unavailable_as_503(services.store.lookup(prediction_id))
+    if found is not None or ISSUED_ID.fullmatch(prediction_id) is None:
+        return found
+    await _unavailable_as_503(services.follower.fences.wait())
+    return await _unavailable_as_503(services.store.lookup(prediction_id))
+
+
+async def _unavailable_as_503(lookup: Awaitable[T]) -> T:
+    try:
+        return await lookup
+    except (BrokerUnavailable, StateUnavailable) as exc:
+        raise ApiError(
+            503,
+            f"Cannot tell whether this prediction exists right now ({exc}); retry.",
+            {"Retry-After": RETRY_AFTER_S},
+        ) from None
+
+
+def _prediction_response(prediction_id: str, entry: Found) -> Response:
     if entry is None:
         return error_response(404, NOT_FOUND)
+    if isinstance(entry, Pending):
+        return error_response(400, STILL_PROCESSING)
     if entry.result is not None:
         output = PredictResponse(entry.input, entry.result)
         return JsonResponse(PredictionResponse(prediction_id, output))
-    if entry.error is not None:
-        return error_response(500, f"Prediction failed: {entry.error}")
-    return error_response(400, STILL_PROCESSING)
+    return error_response(500, f"Prediction failed: {entry.error}")
 
 
 async def healthz(_: Request) -> Response:
