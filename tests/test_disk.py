@@ -120,3 +120,48 @@ def test_the_file_is_sqlite_in_wal_mode(tmp_path: Path) -> None:
     database = _filled(tmp_path)
     with sqlite3.connect(database) as connection:
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_issued_ids_are_found_by_their_exact_spelling_only(tmp_path: Path) -> None:
+    issued = "0b1c2d3e-4f50-4a6b-8c7d-9e0f1a2b3c4d"  # str(uuid.uuid4()) form: keyed as 16 bytes
+    disk = DiskStore.open(tmp_path / "state.sqlite3", IDENTITY)
+    try:
+        disk.write([Row(issued, 5.0, "in"), Row("not-a-uuid", 6.0, "in", result="1")], None, b"")
+        assert disk.pending(since_s=0) == [(issued, 5.0)]
+        assert isinstance(disk.head(issued), Row)
+        assert disk.head(issued.upper()) is None  # another string: another prediction
+        assert isinstance(disk.head("not-a-uuid"), Row)
+    finally:
+        disk.close()
+
+
+def test_expired_rows_are_deleted_oldest_first_and_newer_ones_kept(tmp_path: Path) -> None:
+    disk = DiskStore.open(tmp_path / "state.sqlite3", IDENTITY)
+    try:
+        disk.write([Row(f"old-{i}", float(i), "in", result="1") for i in range(12_000)], None, b"")
+        disk.write([Row("new", 50_000.0, "in", result="1")], None, b"")
+        # Created early, finished late: not expired, and the walk goes past it.
+        disk.write([Row("old-5", 60_000.0, "in", result="1")], None, b"")
+        assert disk.delete_expired(before_s=40_000.0) == 11_999
+        assert disk.count() == 2
+        assert isinstance(disk.head("old-5"), Row) and isinstance(disk.head("new"), Row)
+    finally:
+        disk.close()
+
+
+def test_every_string_comes_back_exactly_nul_and_all(tmp_path: Path) -> None:
+    # A NUL takes the per-row path (SQLite's JSON cuts strings at one); the rest go in bulk.
+    controls = "".join(map(chr, range(1, 32)))
+    texts = ["nul\x00inside", "emoji 😀 \U0001d518", "\u2028 ' \" \\", controls]
+    rows = [
+        Row(f"id-{i}", 1e9 + 0.123456789 * i, text, result=text) for i, text in enumerate(texts)
+    ]
+    rows.append(Row("failed", 1e9, "in", error="boom\x00"))
+    disk = DiskStore.open(tmp_path / "state.sqlite3", IDENTITY)
+    try:
+        disk.write(rows, offset=3, body=b"m")
+        for row in rows:
+            assert disk.head(row.prediction_id) == row
+            assert disk.read(row.prediction_id) == row
+    finally:
+        disk.close()
