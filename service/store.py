@@ -23,6 +23,7 @@ import asyncio
 import logging
 import sqlite3
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -39,10 +40,12 @@ __all__ = ["Pending", "Prediction", "ResultStore", "StateUnavailable"]
 
 log = logging.getLogger(__name__)
 
-# A pending stub: its id string, the struct, a dict slot.
-PENDING_ENTRY_BYTES = 200
-# Rows waiting for the disk, at most this share of the memory budget.
-WRITE_BUFFER_SHARE = 4
+# A pending stub: its id string, the struct, its float, an OrderedDict slot
+# (232 B measured with tracemalloc).
+PENDING_ENTRY_BYTES = 240
+# Commit at once, without waiting for the next tick, past this share of
+# the budget in rows waiting for the disk.
+COMMIT_NOW_SHARE = 8
 SWEEP_INTERVAL_MAX_S = 60.0
 
 
@@ -68,10 +71,12 @@ class ResultStore:
         self._clock = clock
         self._lock = asyncio.Lock()
         self._hot = HotCache(memory_max_bytes)
-        self._pending: dict[str, Pending] = {}
+        # Oldest first, for expiry; an OrderedDict for the same reason as
+        # the memory tier's (service/hot.py): its head is taken often.
+        self._pending: OrderedDict[str, Pending] = OrderedDict()
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._writes = WriteBehind(
-            max(memory_max_bytes // WRITE_BUFFER_SHARE, 1),
+            max(memory_max_bytes // COMMIT_NOW_SHARE, 1),
             min(SWEEP_INTERVAL_MAX_S, max(ttl_s / 10, 1.0)),
             on_committed=self._evict,
             on_swept=self._count_swept,
@@ -99,8 +104,9 @@ class ResultStore:
             _load, disk, self._clock() - self._ttl_s
         )
         async with self._lock:
-            loaded = {prediction_id: Pending(at_s) for prediction_id, at_s in pending}
-            self._pending = loaded | self._pending  # keep stubs noted meanwhile
+            loaded = OrderedDict((p, Pending(at_s)) for p, at_s in pending)
+            loaded.update(self._pending)  # keep stubs noted meanwhile
+            self._pending = loaded
             self._disk = disk
             self.disk_entries = count
             self._writes.attach(disk, lambda: self._clock() - self._ttl_s)
@@ -110,12 +116,19 @@ class ResultStore:
         """Forget everything the stream said: it is about to be read from its start."""
         async with self._lock:
             self._hot.clear()
-            self._pending = {k: v for k, v in self._pending.items() if not v.logged}
+            self._pending = OrderedDict((k, v) for k, v in self._pending.items() if not v.logged)
         await self._writes.discard()
         if self._disk is not None:
             await self._writes.run(self._disk.wipe)
         self.disk_entries = 0
         self.damaged.clear()
+
+    def catching_up(self, catching_up: bool) -> None:
+        """While the follower catches up, write only what memory needs to free."""
+        if catching_up:
+            self._writes.hold()
+        else:
+            self._writes.release()
 
     async def flush(self) -> None:
         """Return once everything applied so far is on disk."""
@@ -200,17 +213,18 @@ class ResultStore:
                     self._apply_accepted(event, rows)
                 elif self._apply_outcome(event, rows):
                     finished.append(event.prediction_id)
-            self._writes.add(rows, offset, body, sum(_row_bytes(row) for row in rows))
+            self._writes.add(rows, offset, body)
             self._expire_pending()
             self._evict(self._writes.committed)
         for prediction_id in finished:
             self._wake(prediction_id)
-        await self._writes.room()
+        await self._writes.room(self._fits)
 
     async def note_accepted(self, task: Accepted) -> None:
         """A task this replica accepted: pending here at once, before the stream says so."""
         async with self._lock:
-            if task.prediction_id not in self._pending and task.prediction_id not in self._hot:
+            known = task.prediction_id in self._pending or task.prediction_id in self._hot.entries
+            if not known:
                 self._pending[task.prediction_id] = Pending(task.at_s, logged=False)
 
     async def forget_pending(self, prediction_id: str) -> None:
@@ -222,7 +236,7 @@ class ResultStore:
 
     def _apply_accepted(self, event: Accepted, rows: list[Row]) -> None:
         stub = self._pending.get(event.prediction_id)
-        if (stub is not None and stub.logged) or event.prediction_id in self._hot:
+        if (stub is not None and stub.logged) or event.prediction_id in self._hot.entries:
             return  # known already: the stream has it once, a replay again
         self._pending[event.prediction_id] = Pending(event.at_s)
         rows.append(Row(event.prediction_id, event.at_s, event.input))
@@ -231,7 +245,7 @@ class ResultStore:
     def _apply_outcome(self, event: Done | Failed, rows: list[Row]) -> bool:
         """Record the first outcome of a prediction; False for any later one."""
         prediction_id = event.prediction_id
-        if prediction_id in self._hot:
+        if prediction_id in self._hot.entries:
             return False
         stub = self._pending.pop(prediction_id, None)
         if stub is None or not stub.logged:
@@ -258,7 +272,14 @@ class ResultStore:
 
     @property
     def memory_bytes(self) -> int:
-        return self._hot.bytes + len(self._pending) * PENDING_ENTRY_BYTES
+        """What the budget covers: finished entries, pending stubs, rows waiting for the disk."""
+        return self._hot.bytes + self._other_bytes()
+
+    def _other_bytes(self) -> int:
+        return len(self._pending) * PENDING_ENTRY_BYTES + self._writes.buffered_bytes
+
+    def _fits(self) -> bool:
+        return self.memory_bytes <= self._hot.max_bytes
 
     @property
     def memory_entries(self) -> int:
@@ -302,7 +323,7 @@ class ResultStore:
             self.damaged.set()
 
     def _evict(self, committed_seq: int) -> None:
-        self._hot.evict(committed_seq, len(self._pending) * PENDING_ENTRY_BYTES)
+        self._hot.evict(committed_seq, self._other_bytes())
 
     def _count_swept(self, deleted: int) -> None:
         self.disk_entries = max(0, self.disk_entries - deleted)
@@ -310,8 +331,8 @@ class ResultStore:
     def _expire_pending(self) -> None:
         pending = self._pending
         while pending:
-            oldest_id = next(iter(pending))
-            if not self._expired(pending[oldest_id].at_s):
+            oldest_id, oldest = next(iter(pending.items()))
+            if not self._expired(oldest.at_s):
                 return
             del pending[oldest_id]
 
@@ -335,8 +356,3 @@ class ResultStore:
 
 def _load(disk: DiskStore, since_s: float) -> tuple[list[tuple[str, float]], int, Position | None]:
     return disk.pending(since_s), disk.count(), disk.checkpoint()
-
-
-def _row_bytes(row: Row) -> int:
-    # What a queued row holds beyond what memory already counts: its input.
-    return len(row.input) + 200
