@@ -153,7 +153,7 @@ def _build_services(
         shutdown_grace_s=settings.shutdown_grace_s,
     )
     follower = EventFollower(broker, store)
-    metrics.track_fences(follower.fences)
+    metrics.track_stream(follower)
     return Services(
         settings, store, runner, broker, journal, follower, consumer, metrics, state_dir
     )

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aio_pika.abc
+import aiormq.abc
 import anyio
 import anyio.abc
 import msgspec
@@ -36,7 +37,10 @@ from service.store import ResultStore
 
 log = logging.getLogger(__name__)
 
-MessageT = aio_pika.abc.AbstractIncomingMessage
+# aiormq's delivery, not aio-pika's IncomingMessage: wrapping every event
+# in one cost a quarter of the event loop's time during a replay, for
+# nothing the follower reads (the body, two headers, the delivery tag).
+Delivery = aiormq.abc.DeliveredMessage
 
 
 class EventFollower:
@@ -49,9 +53,19 @@ class EventFollower:
         self._marker_id = ""
         self._generation = 0  # of the subscription; deliveries of older ones are dropped
         self._unacked = 0
+        self.events_read = 0  # applied since start (a resumed restart reads few)
         self._start_over = asyncio.Event()
+        self._delivered = asyncio.Event()  # anything, since the last subscription
+        # Deliveries in arrival order, applied one at a time by `_apply_in_order`:
+        # decoded only when their turn comes, so a follower held back by the
+        # memory budget keeps raw messages waiting, not decoded copies too.
+        self._deliveries: asyncio.Queue[tuple[int, Delivery]] = asyncio.Queue()
         self.caught_up = asyncio.Event()
         self.fences = Fences(self._publish_marker, broker.settings.publish_timeout_s)
+
+    @property
+    def fences_sent(self) -> int:
+        return self.fences.sent
 
     def resume_after(self, checkpoint: Position | None) -> None:
         """Start after this stream message (the disk's checkpoint), not at the first."""
@@ -89,34 +103,49 @@ class EventFollower:
         channel = self._broker.events_channel
         channel.close_callbacks.add(on_channel_closed)
         self._subscribe_from_last()
-        # Not a robust consumer: aio-pika would restore it from the first
-        # offset again; this loop resumes it from where it stopped instead.
-        consumer_tag = await queue.consume(
+        # Straight on the channel aio-pika keeps open, so aio-pika does not
+        # restore it after a reconnection (from the first offset again):
+        # this loop resumes it from where it stopped instead.
+        underlay = await channel.get_underlay_channel()
+        consumer_tag = f"follower-{self._marker_id}"
+        await underlay.basic_consume(
+            queue.name,
             functools.partial(self._on_message, self._generation),
             arguments={"x-stream-offset": self._start_offset()},
-            robust=False,
+            consumer_tag=consumer_tag,
         )
         try:
-            interrupted = (
-                self._broker.wait_down,
-                channel_closed.wait,
-                self._start_over.wait,
-                self._store.damaged.wait,
-            )
-            await _first_of(self._catch_up, *interrupted)
-            if not self.caught_up.is_set():
-                return False
-            if task_status is not None:
-                task_status.started()
-            await _first_of(*interrupted)
-            return True
+            async with anyio.create_task_group() as applying:
+                applying.start_soon(self._apply_in_order)
+                caught_up = await self._follow(task_status, channel_closed)
+                applying.cancel_scope.cancel()
+            return caught_up
         finally:
             channel.close_callbacks.discard(on_channel_closed)
             with anyio.CancelScope(shield=True), anyio.move_on_after(1):
-                await _quietly(queue.cancel(consumer_tag))
+                await _quietly(underlay.basic_cancel(consumer_tag))
+
+    async def _follow(
+        self, task_status: anyio.abc.TaskStatus[None] | None, channel_closed: asyncio.Event
+    ) -> bool:
+        interrupted = (
+            self._broker.wait_down,
+            channel_closed.wait,
+            self._start_over.wait,
+            self._store.damaged.wait,
+        )
+        await _first_of(self._catch_up, *interrupted)
+        if not self.caught_up.is_set():
+            return False
+        if task_status is not None:
+            task_status.started()
+        await _first_of(*interrupted)
+        return True
 
     def _subscribe_from_last(self) -> None:
         self._generation += 1
+        self._delivered.clear()
+        self._deliveries = asyncio.Queue()
         # Set before the first delivery, which may come before the marker is sent.
         self._marker_id = uuid.uuid4().hex
         if self._last_offset is not None and self._expect is None:
@@ -128,14 +157,33 @@ class EventFollower:
 
     async def _catch_up(self) -> None:
         started_s = time.perf_counter()
-        await self._publish_marker(self._marker_id)
-        await self.caught_up.wait()
+        self._store.catching_up(True)
+        try:
+            await self._publish_marker(self._marker_id)
+            if self._expect is not None:
+                await self._check_stream_reaches(self._expect)
+            await self.caught_up.wait()
+        finally:
+            self._store.catching_up(False)
         log.info(
             "event stream caught up in %.2f s (%d pending, %d on disk)",
             time.perf_counter() - started_s,
             self._store.pending,
             self._store.disk_entries,
         )
+
+    async def _check_stream_reaches(self, expect: Position) -> None:
+        """Start over if the stream is shorter than the state (declared anew since).
+
+        Asked for an offset past its end, the broker delivers nothing until
+        the stream gets there, not even the marker just confirmed on it.
+        A stream that has the offset delivers from it at once.
+        """
+        with anyio.move_on_after(self._broker.settings.publish_timeout_s):
+            await self._delivered.wait()
+        if not self._delivered.is_set():
+            self._stream_moved_on(expect)
+            await anyio.sleep_forever()  # until the follow loop notices the start-over
 
     async def _rebuild(self) -> None:
         await self._store.reset()
@@ -145,23 +193,34 @@ class EventFollower:
     async def _publish_marker(self, marker_id: str) -> None:
         await self._broker.publish(Marker(marker_id, time.time()), EVENT_KEY)
 
-    async def _on_message(self, generation: int, message: MessageT) -> None:
-        # Every decision is taken before the first await: aio-pika runs each
-        # delivery as a task of its own, and only this part runs in order.
-        offset = (message.headers or {}).get("x-stream-offset")
-        if (
-            generation != self._generation
-            or not isinstance(offset, int)
-            or not self._is_new(offset, message.body)
-        ):
+    async def _on_message(self, generation: int, message: Delivery) -> None:
+        # aiormq runs each delivery as a task of its own, started in arrival
+        # order; queued at once, they are applied in that order.
+        if generation == self._generation:
+            self._delivered.set()
+        self._deliveries.put_nowait((generation, message))
+
+    async def _apply_in_order(self) -> None:
+        while True:
+            generation, message = await self._deliveries.get()
+            await self._apply(generation, message)
+
+    async def _apply(self, generation: int, message: Delivery) -> None:
+        if generation != self._generation:
+            return  # for a consumer cancelled since: its credit went with it
+        headers = message.header.properties.headers or {}
+        offset, body = headers.get("x-stream-offset"), message.body
+        if not isinstance(offset, int) or not self._is_new(offset, body):
             await self._ack(message)
             return
-        events = _decode(message)
-        self._last_offset, self._last_body = offset, message.body
+        events = _decode(body, headers)
+        self.events_read += len(events)
+        self._last_offset, self._last_body = offset, body
+        await self._store.apply_logged(events, offset, body)
+        # After the apply: a marker read means everything before it is applied.
         for event in events:
             if isinstance(event, Marker):
                 self._on_marker(event.marker_id)
-        await self._store.apply_logged(events, offset, message.body)
         await self._ack(message)
 
     def _is_new(self, offset: int, body: bytes) -> bool:
@@ -202,25 +261,27 @@ class EventFollower:
             self.caught_up.set()
         self.fences.seen(marker_id)
 
-    async def _ack(self, message: MessageT) -> None:
+    async def _ack(self, message: Delivery) -> None:
         # Acking in batches (multiple=True) saves a frame per event; any
         # batch smaller than the prefetch keeps deliveries flowing.
         self._unacked += 1
         if self._unacked >= self._ack_batch:
             self._unacked = 0
-            await _quietly(message.ack(multiple=True))
+            tag = message.delivery_tag
+            if tag is not None:
+                await _quietly(message.channel.basic_ack(tag, multiple=True))
 
     @property
     def _ack_batch(self) -> int:
         return max(1, self._broker.settings.stream_prefetch // 4)
 
 
-def _decode(message: MessageT) -> list[Event]:
+def _decode(body: bytes, headers: dict[str, Any]) -> list[Event]:
     try:
-        events = events_of(message_decoder.decode(message.body))
+        events = events_of(message_decoder.decode(body))
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return []  # a poison task copied here by dead-lettering; the DLQ has it
-    reason = (message.headers or {}).get("x-first-death-reason")
+    reason = headers.get("x-first-death-reason")
     if reason is None:
         return events
     # The broker gave up on these tasks (its delivery limit, most often

@@ -32,8 +32,13 @@ class ResultTiers(Protocol):
     cold_reads: int
 
 
-class MarkerCount(Protocol):
-    sent: int
+class StreamReading(Protocol):
+    """What /metrics reads of the event follower (service/follower.py)."""
+
+    events_read: int
+
+    @property
+    def fences_sent(self) -> int: ...
 
 
 class Metrics:
@@ -144,12 +149,20 @@ class Metrics:
             )
         )
 
-    def track_fences(self, markers: MarkerCount) -> None:
+    def track_stream(self, follower: StreamReading) -> None:
+        self.registry.register(
+            FunctionCounter(
+                "event_stream_events",
+                "Events read from the event stream and applied since start (a restart "
+                "that resumes from STATE_DIR reads only what came after its checkpoint)",
+                lambda: follower.events_read,
+            )
+        )
         self.registry.register(
             FunctionCounter(
                 "event_stream_fences",
                 "Markers written and read back before answering 404 (one per batch of lookups)",
-                lambda: markers.sent,
+                lambda: follower.fences_sent,
             )
         )
 

@@ -46,7 +46,7 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", forbid_unknown_field
     results_memory_max_bytes: PositiveInt = 268_435_456
     # Where the on-disk state lives; empty: a temporary directory, removed at exit.
     state_dir: str = ""
-    stream_prefetch: PositiveInt = 2_000
+    stream_prefetch: PositiveInt = 128
     # Most events one broker message carries; 1 publishes each alone, as
     # versions before batching did and as they need to read (rolling upgrade).
     publish_batch_max: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 64
