@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import math
 import signal
 import socket
@@ -18,6 +19,11 @@ from service.settings import ConfigError, Settings
 
 # uvicorn's exit status when it cannot start serving (uvicorn.server.STARTUP_FAILURE).
 STARTUP_FAILURE = 3
+# glibc mallopt(3) parameters.
+M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
+MMAP_THRESHOLD_BYTES = 128 * 1024
+MALLOC_ARENAS = 2
 
 
 class Server(uvicorn.Server):
@@ -40,6 +46,7 @@ class Server(uvicorn.Server):
 
 
 def main() -> None:
+    _return_freed_memory()
     try:
         settings = Settings.from_env()
         configure_logging(settings.log_level, settings.log_format)
@@ -81,6 +88,25 @@ def _build_server(settings: Settings) -> Server:
     )
     holder.append(Server(config, app.state.stopping))
     return holder[0]
+
+
+def _return_freed_memory() -> None:
+    """Make glibc give large freed blocks back to the system.
+
+    glibc raises its mmap threshold each time a large block is freed, so
+    later ones of that size come from the heap, which it rarely returns:
+    after 600 async predictions of 1 MB the replica that took them kept
+    723 MiB of RSS; with the threshold pinned at 128 KiB, 329 MiB (the
+    budget's 256 MiB and the process). Each thread would also get arenas
+    of its own (the disk writer, model threads); two are enough here.
+    Elsewhere than glibc, nothing to do.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
 
 
 def _check_host(host: str, port: int) -> None:
