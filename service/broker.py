@@ -24,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -71,8 +73,16 @@ class Names:
 
 
 def connection_name(settings: Settings) -> str:
-    """How this service's connections appear in `rabbitmqctl list_connections`."""
-    return f"prediction-service/{settings.broker_namespace}"
+    """How this replica's connection appears in `rabbitmqctl list_connections`.
+
+    The namespace, then which replica: its host and process id.
+    """
+    return f"{connection_prefix(settings)}{socket.gethostname()}/{os.getpid()}"
+
+
+def connection_prefix(settings: Settings) -> str:
+    """What the names of every replica's connection of this namespace start with."""
+    return f"prediction-service/{settings.broker_namespace}/"
 
 
 def redacted(url: str) -> str:
