@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import uuid
 
 import anyio
 
@@ -81,3 +82,16 @@ async def counts_calls(text: str) -> str:
     calls[text] = calls.get(text, 0) + 1
     await anyio.sleep(float(text))
     return text
+
+
+async def sleeps_then_names_its_process(text: str) -> str:
+    """Sleeps the seconds its input says, then answers its process id: replicas differ.
+
+    Each call leaves a file in $PREDICTOR_CALLS_DIR (when set), so a test
+    can count the runs of every replica.
+    """
+    calls_dir = os.environ.get("PREDICTOR_CALLS_DIR")
+    if calls_dir:
+        await anyio.Path(calls_dir, f"{os.getpid()}-{uuid.uuid4().hex}").touch()
+    await anyio.sleep(float(text))
+    return str(os.getpid())

@@ -23,8 +23,9 @@ import uvicorn
 from starlette.applications import Starlette
 
 from service.app import create_app
-from service.broker import Names, connection_name
+from service.broker import EVENT_KEY, Names, connection_prefix
 from service.http.protocol import ServiceHttpProtocol
+from service.schemas import json_encoder
 from service.services import Services
 from service.settings import Settings
 
@@ -196,6 +197,13 @@ async def wait_finished(
             await asyncio.sleep(0.05)
 
 
+async def metric(client: httpx.AsyncClient, series: str) -> float:
+    """One series of /metrics, e.g. `predictions_completed_total{mode="async"}` (0 if absent)."""
+    text = (await client.get("/metrics")).text
+    match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
 async def submit_async(client: httpx.AsyncClient, text: str) -> str:
     response = await client.post("/predict", json={"input": text}, headers={"Async-Mode": "true"})
     assert response.status_code == 202, response.text
@@ -210,6 +218,23 @@ async def delete_namespace(settings: Settings) -> None:
         connection = await aio_pika.connect(settings.rabbitmq_url, timeout=5)
         async with connection:
             await names.delete(await connection.channel())
+
+
+async def publish_padding(settings: Settings, megabytes: int) -> None:
+    """Markers of 1 MB each (a field nobody reads) on the event stream.
+
+    Every replica reads them and changes nothing: they make a follower
+    lag, or the stream roll segments (8 MB each) for retention.
+    """
+    names = Names.for_namespace(settings.broker_namespace)
+    connection = await aio_pika.connect(settings.rabbitmq_url, timeout=5)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(names.exchange)
+        pad = "x" * 2**20
+        for i in range(megabytes):
+            body = json_encoder.encode({"kind": "marker", "marker_id": f"pad-{i}", "pad": pad})
+            await exchange.publish(aio_pika.Message(body), EVENT_KEY)
 
 
 async def dead_letters(settings: Settings, expected: int, timeout_s: float = 20) -> list[bytes]:
@@ -277,14 +302,15 @@ class ServiceProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-def close_service_connections(settings: Settings) -> int:
-    """Make the broker drop this service's connections, as a broker restart would."""
+def close_service_connections(settings: Settings, pid: int | None = None) -> int:
+    """Make the broker drop this namespace's connections (of process `pid` only, if given)."""
     listing = rabbitmqctl("list_connections", "pid", "client_properties", "--no-table-headers")
-    pids = [
+    name = connection_prefix(settings) + (f"{socket.gethostname()}/{pid}" if pid else "")
+    connections = [
         line.split("\t", 1)[0]
         for line in listing.splitlines()
-        if f'"{connection_name(settings)}"' in line
+        if f'"{name}' in line and (pid is None or f'{name}"' in line)
     ]
-    for pid in pids:
-        rabbitmqctl("close_connection", pid, "test: broker drops the connection")
-    return len(pids)
+    for connection in connections:
+        rabbitmqctl("close_connection", connection, "test: broker drops the connection")
+    return len(connections)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import uuid
 from typing import Any
 
@@ -28,6 +27,7 @@ from tests.support import (
     broker_memory_alarm,
     dead_letters,
     live_app,
+    metric,
     settings_for_test,
     submit_async,
     wait_finished,
@@ -89,12 +89,6 @@ async def _dead_letter_count(settings: Settings) -> int:
     return count
 
 
-async def _metric(client: httpx.AsyncClient, series: str) -> float:
-    text = (await client.get("/metrics")).text
-    match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
-
-
 async def test_tasks_accepted_in_the_same_instant_share_one_message(live: LiveApp) -> None:
     count = 40
     tasks = [Accepted(str(uuid.uuid4()), f"many {i}", 1e10) for i in range(count)]
@@ -112,8 +106,8 @@ async def test_tasks_accepted_in_the_same_instant_share_one_message(live: LiveAp
     [batch] = [m for m in messages if m["kind"] in ("accepted", "tasks")]
     assert [task["prediction_id"] for task in batch["tasks"]] == ids
     client = live.client
-    assert await _metric(client, 'broker_events_published_total{routing_key="task"}') == count
-    assert await _metric(client, 'broker_messages_published_total{routing_key="task"}') == 1
+    assert await metric(client, 'broker_events_published_total{routing_key="task"}') == count
+    assert await metric(client, 'broker_messages_published_total{routing_key="task"}') == 1
 
 
 async def test_publish_batch_max_1_sends_every_task_alone(rabbitmq_url: str) -> None:
@@ -126,7 +120,7 @@ async def test_publish_batch_max_1_sends_every_task_alone(rabbitmq_url: str) -> 
         messages = await _stream_messages(live.settings, enough=2 * count + 1)
         assert {message["kind"] for message in messages} == {"accepted", "done", "marker"}
         published = 'broker_messages_published_total{routing_key="task"}'
-        assert await _metric(live.client, published) == count
+        assert await metric(live.client, published) == count
 
 
 async def test_a_batch_beyond_the_free_model_slots_is_partly_put_back(
@@ -143,15 +137,15 @@ async def test_a_batch_beyond_the_free_model_slots_is_partly_put_back(
             assert response.status_code == 200
             assert response.json()["output"]["result"] == text[::-1]
         # Two slots: the first delivery runs two tasks and puts four back.
-        assert await _metric(live.client, 'tasks_put_back_total{reason="busy"}') >= 4
+        assert await metric(live.client, 'tasks_put_back_total{reason="busy"}') >= 4
         # Put-backs are publishes too, counted under their routing key.
         retried = 'broker_events_published_total{routing_key="retry"}'
-        assert await _metric(live.client, retried) >= 4
+        assert await metric(live.client, retried) >= 4
         put_back = 'broker_messages_published_total{routing_key="retry"}'
-        assert await _metric(live.client, put_back) >= 1
+        assert await metric(live.client, put_back) >= 1
         # Putting back never runs a task twice.
         completed = 'predictions_completed_total{mode="async"}'
-        assert await _metric(live.client, completed) == len(inputs)
+        assert await metric(live.client, completed) == len(inputs)
 
 
 async def test_a_task_that_fails_in_a_batch_fails_alone(rabbitmq_url: str) -> None:
@@ -169,8 +163,8 @@ async def test_a_task_that_fails_in_a_batch_fails_alone(rabbitmq_url: str) -> No
         # It went back alone, was tried once more, and only it was dead-lettered.
         [dead] = await dead_letters(settings, 1)
         assert json.loads(dead)["prediction_id"] == boom
-        assert await _metric(live.client, 'tasks_put_back_total{reason="model_failed"}') == 1
-        assert await _metric(live.client, 'predictions_failed_total{mode="async"}') == 1
+        assert await metric(live.client, 'tasks_put_back_total{reason="model_failed"}') == 1
+        assert await metric(live.client, 'predictions_failed_total{mode="async"}') == 1
 
 
 async def test_a_batch_back_after_a_crash_is_split_and_only_the_crasher_fails(
@@ -217,7 +211,7 @@ async def test_an_outcome_unconfirmed_during_a_memory_alarm_is_kept_uncharged(
     async with live_app(settings) as live:
         ids = await _publish_batch(settings, ["0.5", "0.5", "0.5"])
         with anyio.fail_after(10):
-            while await _metric(live.client, "predictions_in_flight") < 3:
+            while await metric(live.client, "predictions_in_flight") < 3:
                 await asyncio.sleep(0.02)
         with broker_memory_alarm():
             # Each outcome waits out at least one unconfirmed publish.
@@ -235,9 +229,9 @@ async def test_an_outcome_unconfirmed_during_a_memory_alarm_is_kept_uncharged(
         messages = await _stream_messages(settings, enough=2 * len(ids) + 1)
         done = [e["prediction_id"] for m in messages for e in _events(m) if e["kind"] == "done"]
         assert sorted(done) == sorted(ids)
-        assert await _metric(live.client, "model_latency_seconds_count") == len(ids)
-        assert await _metric(live.client, 'tasks_put_back_total{reason="redelivered"}') == 0
-        assert await _metric(live.client, 'predictions_completed_total{mode="async"}') == 3
+        assert await metric(live.client, "model_latency_seconds_count") == len(ids)
+        assert await metric(live.client, 'tasks_put_back_total{reason="redelivered"}') == 0
+        assert await metric(live.client, 'predictions_completed_total{mode="async"}') == 3
         assert await _dead_letter_count(settings) == 0
 
 
@@ -254,10 +248,10 @@ async def test_a_task_parked_behind_a_busy_model_circulates_uncharged(rabbitmq_u
     async with live_app(settings) as live:
         slow = await _publish_batch(settings, ["2.5", "2.5"])
         with anyio.fail_after(10):
-            while await _metric(live.client, "predictions_in_flight") < 2:
+            while await metric(live.client, "predictions_in_flight") < 2:
                 await asyncio.sleep(0.02)
         quick = await submit_async(live.client, "0")
         for prediction_id in [*slow, quick]:
             assert (await wait_finished(live.client, prediction_id)).status_code == 200
         # Parked for at most PARK_MAX_S at a time, then back to the queue.
-        assert await _metric(live.client, 'tasks_put_back_total{reason="busy"}') >= 2
+        assert await metric(live.client, 'tasks_put_back_total{reason="busy"}') >= 2
