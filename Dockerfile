@@ -11,8 +11,12 @@ WORKDIR /app
 # Only what the package needs, so editing tests does not rebuild this layer.
 COPY pyproject.toml README.md constraints.txt ./
 COPY service ./service
+# /var/lib/prediction-service: where compose mounts STATE_DIR. A new named
+# volume takes this directory's owner, so the app (uid 10001) can write it.
 RUN pip install --no-cache-dir -c constraints.txt . \
-    && useradd --system --uid 10001 --no-create-home app
+    && useradd --system --uid 10001 --no-create-home app \
+    && mkdir -p /var/lib/prediction-service \
+    && chown 10001:10001 /var/lib/prediction-service
 
 USER 10001
 

@@ -72,6 +72,20 @@ def test_compose_wires_the_app_to_a_healthy_broker() -> None:
     assert "rabbitmq-data" in _compose()["volumes"]
 
 
+def test_compose_keeps_the_app_state_dir_on_a_volume_the_app_can_write() -> None:
+    compose = _compose()
+    app = compose["services"]["app"]
+    state_dir = app["environment"]["STATE_DIR"]
+    mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in app["volumes"]}
+    assert mounts[state_dir] in compose["volumes"]  # named: survives a rebuild
+    # A new named volume takes the owner of the image's directory.
+    run = " ".join(arguments for instruction, arguments in _instructions() if instruction == "RUN")
+    assert f"mkdir -p {state_dir}" in run
+    assert f"chown 10001:10001 {state_dir}" in run
+    user = [arguments for instruction, arguments in _instructions() if instruction == "USER"]
+    assert user == ["10001"]
+
+
 def test_compose_credentials_match_the_broker_user() -> None:
     services = _compose()["services"]
     user = services["rabbitmq"]["environment"]["RABBITMQ_DEFAULT_USER"]
