@@ -14,7 +14,7 @@ import uvicorn
 
 from service.app import create_app
 from service.http.protocol import ServiceHttpProtocol
-from service.logs import configure_logging
+from service.logs import close_logging, configure_logging
 from service.settings import ConfigError, Settings
 
 # uvicorn's exit status when it cannot start serving (uvicorn.server.STARTUP_FAILURE).
@@ -47,6 +47,13 @@ class Server(uvicorn.Server):
 
 def main() -> None:
     _return_freed_memory()
+    try:
+        _serve()
+    finally:
+        close_logging()  # every line written, before any last `error:` line
+
+
+def _serve() -> None:
     try:
         settings = Settings.from_env()
         configure_logging(settings.log_level, settings.log_format)
