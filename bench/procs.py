@@ -26,6 +26,7 @@ from pathlib import Path
 import aio_pika
 
 from service.broker import Names
+from service.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -98,18 +99,27 @@ def service_env(
     rabbitmq_url: str, namespace: str, port: int, settings: Mapping[str, object]
 ) -> dict[str, str]:
     """The environment of `python -m service` for one benchmark."""
-    env = dict(os.environ)
+    # The service as users run it: its defaults (the request log on), the
+    # settings of the user's environment ignored, and only what a figure
+    # needs changed, said on stderr.
+    env = {key: value for key, value in os.environ.items() if key not in _SETTING_NAMES}
     env.update(
         RABBITMQ_URL=rabbitmq_url,
         BROKER_NAMESPACE=namespace,
         HOST="127.0.0.1",
         PORT=str(port),
-        # Per-request access logs would be the slowest thing on the loop.
-        LOG_LEVEL="WARNING",
-        SHUTDOWN_GRACE_S="5",
     )
-    env.update({key.upper(): str(value) for key, value in settings.items()})
+    overrides = {key.upper(): str(value) for key, value in settings.items()}
+    print(f"    service settings changed from the defaults: {_said(overrides)}", file=sys.stderr)
+    env.update(overrides)
     return env
+
+
+_SETTING_NAMES = frozenset(name.upper() for name in Settings.__struct_fields__)
+
+
+def _said(overrides: Mapping[str, str]) -> str:
+    return " ".join(f"{key}={value}" for key, value in sorted(overrides.items())) or "none"
 
 
 @contextlib.contextmanager
@@ -117,10 +127,19 @@ def running_service(
     rabbitmq_url: str, namespace: str, log_dir: Path, **settings: object
 ) -> Iterator[Server]:
     """`python -m service`, ready (GET /readyz is 200), stopped on exit."""
+    with launched_service(rabbitmq_url, namespace, log_dir, **settings) as server:
+        wait_http_ok(server, "/readyz")
+        yield server
+
+
+@contextlib.contextmanager
+def launched_service(
+    rabbitmq_url: str, namespace: str, log_dir: Path, **settings: object
+) -> Iterator[Server]:
+    """`python -m service`, just started (not ready yet), stopped on exit."""
     port = free_port()
     env = service_env(rabbitmq_url, namespace, port, settings)
     with _running("service", [sys.executable, "-m", "service"], port, log_dir, env) as server:
-        wait_http_ok(server, "/readyz")
         yield server
 
 
