@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # What `--only` can pick; items 1 and 2 of the issue are "get" and "post".
-NAMES = ("get", "post", "pipeline", "capacity", "memory")
+NAMES = ("get", "post", "pipeline", "capacity", "memory", "state")
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,9 @@ class Sizes:
     memory_count: int = 100_000
     memory_warmup: int = 2_000  # filled before the first reading, so buffers are warm
     warmup_s: float = 2
+    restart_counts: tuple[int, ...] = (1_000, 100_000, 1_000_000)
+    rss_budget_bytes: int = 268_435_456  # the default RESULTS_MEMORY_MAX_BYTES
+    latency_requests: int = 2_000
 
 
 QUICK = Sizes(
@@ -43,6 +46,9 @@ QUICK = Sizes(
     memory_count=600,
     memory_warmup=100,
     warmup_s=1,
+    restart_counts=(200, 1_000),
+    rss_budget_bytes=4 * 1024 * 1024,
+    latency_requests=100,
 )
 
 

@@ -21,6 +21,8 @@ from tests.support import REPO, rabbitmqctl
 
 HTTP_KEYS = {"get", "get_cpu", "post", "post_cpu"}
 PIPELINE_KEYS = {"pipeline", "pipeline_durable", "batching_gain", "durability_cost"}
+STATE_KEYS = {"restart_200", "replay_200", "restart_1k", "replay_1k", "rss", "cold_get_p50"}
+STATE_KEYS |= {"cold_get_p99"}
 QUICK = {"pipeline": 60, "capacity_async": 40, "capacity_sync": 10, "memory": 600}
 
 
@@ -50,7 +52,7 @@ def bench_queues(rabbitmq_url: str) -> list[str]:
 def test_quick_run_measures_every_figure(rabbitmq_url: str, tmp_path: Path) -> None:
     document = run_bench(rabbitmq_url, tmp_path, "--loadgen", "python")
     rows = rows_by_key(document)
-    assert set(rows) == HTTP_KEYS | PIPELINE_KEYS | {"capacity", "memory"}
+    assert set(rows) == HTTP_KEYS | PIPELINE_KEYS | STATE_KEYS | {"capacity", "memory"}
     for row in rows.values():
         assert len(row["ratios"]) == len(row["values"]) >= 1
         assert all(ratio > 0 for ratio in row["ratios"]), row["key"]
@@ -58,6 +60,7 @@ def test_quick_run_measures_every_figure(rabbitmq_url: str, tmp_path: Path) -> N
     assert_pipeline_answered(rows["pipeline"]["details"])
     assert_capacity_answered(rows["capacity"]["details"])
     assert_memory_filled(rows["memory"]["details"])
+    assert_state_measured(rows)
     assert bench_queues(rabbitmq_url) == []
 
 
@@ -114,3 +117,20 @@ def assert_memory_filled(details: dict[str, Any]) -> None:
     assert all(set(statuses) == {"200"} for statuses in details["get_statuses"])
     assert details["rss_full_bytes"] > 0
     assert details["heap_bytes_per_prediction"] > 0
+
+
+def assert_state_measured(rows: dict[str, dict[str, Any]]) -> None:
+    for count, label in ((200, "200"), (1000, "1k")):
+        details = rows[f"restart_{label}"]["details"]
+        assert details["retained"] == count and details["events"] == 2 * count
+        assert details["restart_ready_s"] > 0 and details["fresh_ready_s"] > 0
+        assert details["aio_pika_read_s"] > 0
+    rss = rows["rss"]["details"]
+    # Filled in steps to 3x a budget lowered for --quick, and said so.
+    assert rss["overrides"]["results_memory_max_bytes"] == rss["budget_bytes"]
+    assert rss["curve"][-1]["retained_bytes"] >= 3 * rss["budget_bytes"] - rss["input_bytes"]
+    assert (
+        rss["metrics"]["results_disk_entries"] * rss["input_bytes"]
+        >= 3 * rss["budget_bytes"] - rss["input_bytes"]
+    )
+    assert rss["metrics"]["results_cold_reads_total"] >= rss["latency_ms"]["cold_requests"]
