@@ -112,6 +112,9 @@ class WriteBehind:
     async def room(self, fits: Callable[[], bool]) -> None:
         """Return once `fits()`, committing at once while it does not."""
         while not fits() and self._flushing is not None:
+            # The view outgrew memory: from now on write as rows come, so
+            # commits overlap the reading instead of stalling it.
+            self._held = False
             self._urgent.set()
             self._committed_event.clear()
             await self._committed_event.wait()
