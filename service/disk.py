@@ -27,7 +27,8 @@ for it (measured at 1M rows):
 - The key is the only index (one on pending rows cost 15 % more per
   write; a restart scans for them instead, reading the rows' leaf pages
   and never their large inputs), and expired rows are found by walking
-  rowids, which follow creation time, instead of through an index.
+  rowids, which follow creation time from one commit to the next (within
+  one, key order), instead of through an index.
 
 Large inputs, every write and the start-up checks run in threads (see
 service/store.py), each connection used by one thread at a time.
@@ -245,9 +246,11 @@ class DiskStore:
     def delete_expired(self, before_s: float) -> int:
         """Delete rows last changed before `before_s`, a chunk per transaction.
 
-        Walks from the oldest rowid and stops at the first row created
-        after `before_s`: every later row was created later still (give or
-        take the clocks of the replicas that wrote the events).
+        Walks from the oldest rowid and stops at a chunk whose last row was
+        created after `before_s`: later commits hold later rows still (give
+        or take the clocks of the replicas that wrote the events). Rows of
+        that commit are in key order, so some may wait for the next sweep;
+        reads check the TTL themselves.
         """
         deleted, after = 0, 0
         while True:
