@@ -32,6 +32,12 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", forbid_unknown_field
     model_delay_max_s: NonNegative = 17
     model_concurrency: PositiveInt = 100
     max_body_bytes: PositiveInt = 1_048_576
+    # A request head past these is refused with 431, before it is parsed whole.
+    max_header_bytes: PositiveInt = 65_536
+    max_headers: PositiveInt = 100
+    # Slow clients: a head not complete, or a body silent, this long is closed (408).
+    header_timeout_s: Positive = 10
+    body_idle_timeout_s: Positive = 30
     predictor: str = ""
     # Prefix of every exchange and queue name, so deployments can share a vhost.
     broker_namespace: Annotated[str, msgspec.Meta(min_length=1)] = "predictions"
@@ -72,11 +78,12 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", forbid_unknown_field
         """Build settings from `environ` (default: the process environment)."""
         env = os.environ if environ is None else environ
         known = {name.upper() for name in cls.__struct_fields__}
-        raw = {key: _normalise(key, value) for key, value in env.items() if key in known}
+        given = {key: value for key, value in env.items() if key in known}
+        raw = {key: _normalise(key, value) for key, value in given.items()}
         try:
             return msgspec.convert(raw, cls, strict=False)
         except (msgspec.ValidationError, ValueError) as exc:
-            raise ConfigError(_explain(str(exc), raw)) from None
+            raise ConfigError(_explain(str(exc), given)) from None
 
     def with_changes(self, **changes: object) -> Settings:
         """A copy with some fields replaced (tests and benchmarks use this)."""
@@ -94,16 +101,48 @@ def _normalise(key: str, value: str) -> str:
 _AT_SETTING = re.compile(r"^(?P<what>.*) - at `\$\.(?P<name>[A-Z_]+)`$")
 
 
-def _explain(message: str, raw: Mapping[str, str]) -> str:
-    """msgspec's message with the value the operator gave, which it omits.
+def _explain(message: str, given: Mapping[str, str]) -> str:
+    """One line: the setting, its value as the operator gave it, what is allowed.
 
-    "Expected `int`, got `str` - at `$.MAX_BODY_BYTES`" becomes
-    "invalid setting MAX_BODY_BYTES='1.5': Expected `int`": every value
-    arrives as a string, so "got `str`" would only mislead.
+    msgspec says "Invalid enum value 'VERBOSE'" or "Expected `int` >= 1":
+    the value normalised, one bound of two, types in Python's words. The
+    allowed values are read from the field's type instead.
     """
     match = _AT_SETTING.match(message)
     if match is None:
         return f"invalid setting: {message}"
     name = match["name"]
-    what = match["what"].replace(", got `str`", "")
-    return f"invalid setting {name}={raw.get(name, '')!r}: {what}"
+    allowed = _ALLOWED.get(name) or match["what"].replace(", got `str`", "")
+    return f"invalid setting {name}={given.get(name, '')!r}: expected {allowed}"
+
+
+def _allowed(kind: msgspec.inspect.Type) -> str:
+    """What a setting of this type accepts, in an operator's words."""
+    if isinstance(kind, msgspec.inspect.LiteralType):
+        return "one of " + ", ".join(map(str, kind.values)) + " (in any case)"
+    if isinstance(kind, msgspec.inspect.IntType):
+        return "a whole number" + _bounds(kind.ge, kind.le, kind.gt, kind.lt)
+    if isinstance(kind, msgspec.inspect.FloatType):
+        return "a finite number" + _bounds(kind.ge, kind.le, kind.gt, kind.lt)
+    if isinstance(kind, msgspec.inspect.StrType) and kind.min_length:
+        return "a non-empty text"
+    return ""
+
+
+def _bounds(ge: float | None, le: float | None, gt: float | None, lt: float | None) -> str:
+    if ge is not None and le is not None:
+        return f" from {ge:g} to {le:g}"
+    limits = ((">=", ge), ("<=", le), (">", gt), ("<", lt))
+    return "".join(f" {op} {value:g}" for op, value in limits if value is not None)
+
+
+def _allowed_by_setting() -> dict[str, str]:
+    info = msgspec.inspect.type_info(Settings)
+    assert isinstance(info, msgspec.inspect.StructType)
+    allowed = {field.encode_name: _allowed(field.type) for field in info.fields}
+    # In the order the README gives them, not msgspec's sorted one.
+    allowed["LOG_LEVEL"] = "one of DEBUG, INFO, WARNING, ERROR (in any case)"
+    return allowed
+
+
+_ALLOWED = _allowed_by_setting()

@@ -47,7 +47,27 @@ def test_values_are_read_and_converted_from_the_environment() -> None:
         ({"MODEL_CONCURRENCY": "0"}, "MODEL_CONCURRENCY"),
         ({"MODEL_DELAY_MIN_S": "5", "MODEL_DELAY_MAX_S": "1"}, "must not exceed"),
         ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
-        ({"MAX_BODY_BYTES": "1.5"}, r"^invalid setting MAX_BODY_BYTES='1.5': Expected `int`$"),
+        (
+            {"MAX_BODY_BYTES": "1.5"},
+            r"^invalid setting MAX_BODY_BYTES='1.5': expected a whole number >= 1$",
+        ),
+        (
+            {"LOG_LEVEL": "verbose"},
+            r"^invalid setting LOG_LEVEL='verbose': "
+            r"expected one of DEBUG, INFO, WARNING, ERROR \(in any case\)$",
+        ),
+        ({"LOG_FORMAT": " XML"}, r"^invalid setting LOG_FORMAT=' XML': expected one of json, text"),
+        (
+            {"PORT": "eighty"},
+            r"^invalid setting PORT='eighty': expected a whole number from 0 to 65535$",
+        ),
+        (
+            {"PUBLISH_BATCH_MAX": "0"},
+            r"PUBLISH_BATCH_MAX='0': expected a whole number from 1 to 1000$",
+        ),
+        ({"PUBLISH_TIMEOUT_S": "0"}, r"PUBLISH_TIMEOUT_S='0': expected a finite number > 0$"),
+        ({"MAX_WAIT_S": "-1"}, r"MAX_WAIT_S='-1': expected a finite number >= 0$"),
+        ({"BROKER_NAMESPACE": ""}, r"BROKER_NAMESPACE='': expected a non-empty text$"),
         ({"SHUTDOWN_GRACE_S": "inf"}, "SHUTDOWN_GRACE_S must be a finite number"),
         ({"RESULT_TTL_S": "Infinity"}, "RESULT_TTL_S must be a finite number"),
         ({"MODEL_DELAY_MIN_S": "0", "MODEL_DELAY_MAX_S": "inf"}, "MODEL_DELAY_MAX_S"),
