@@ -97,6 +97,7 @@ async def predict(request: Request) -> Response:
         result = await services.runner.predict(payload.input)
     except ModelError as exc:
         services.metrics.failed_sync.inc()
+        _log_model_failure(exc)
         raise ApiError(500, f"Prediction failed: {exc}") from None
     except asyncio.CancelledError:
         return _cut_off(client_gone=CLIENT_GONE_KEY in scope)
@@ -104,6 +105,14 @@ async def predict(request: Request) -> Response:
         del scope[CANCEL_ON_DISCONNECT_KEY]  # answering is not to be cut off
     services.metrics.completed_sync.inc()
     return JsonResponse(PredictResponse(payload.input, result))
+
+
+def _log_model_failure(exc: ModelError) -> None:
+    # The reason at WARNING, the model's traceback only for DEBUG: a model
+    # failing on bad inputs would otherwise flood the log.
+    log.warning("sync prediction failed: %s", exc)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("the model raised:", exc_info=exc.__cause__ or exc)
 
 
 def _cut_off(*, client_gone: bool) -> Response:
@@ -152,13 +161,26 @@ async def get_prediction(scope: Scope) -> Response:
     entry = services.store.get(prediction_id)  # memory: the hot path
     if entry is None:
         entry = await _find(services, prediction_id)
-    if wait_s is None:
+    if wait_s is None or not isinstance(entry, Pending):
+        # Answered at once: no wait was applied, so none is said.
         return _prediction_response(prediction_id, entry)
-    if isinstance(entry, Pending):
-        entry = await _unavailable_as_503(services.store.wait_finished(prediction_id, wait_s))
+    try:
+        entry = await _long_poll(scope, services, prediction_id, wait_s)
+    except asyncio.CancelledError:
+        return _cut_off(client_gone=CLIENT_GONE_KEY in scope)
     response = _prediction_response(prediction_id, entry)
     response.headers["Preference-Applied"] = f"wait={wait_s:g}"
     return response
+
+
+async def _long_poll(scope: Scope, services: Services, prediction_id: str, wait_s: float) -> Found:
+    # Cancelled if its client goes away (http.protocol): the waiter is
+    # released at once, not when the prediction ends or the wait is over.
+    scope[CANCEL_ON_DISCONNECT_KEY] = asyncio.current_task()
+    try:
+        return await _unavailable_as_503(services.store.wait_finished(prediction_id, wait_s))
+    finally:
+        del scope[CANCEL_ON_DISCONNECT_KEY]
 
 
 async def _find(services: Services, prediction_id: str) -> Found:

@@ -64,6 +64,8 @@ async def read_body(request: Request, headers: ClientHeaders, limit_bytes: int) 
 
 def decode_predict_request(body: bytes) -> PredictRequest:
     """400 if the body is not JSON or absurdly nested; 422 (ValidationError) if misshapen."""
+    if not body.strip():
+        raise ApiError(400, "Request body is empty.")
     if not body.isascii():
         # msgspec skips unknown fields without checking their UTF-8.
         try:
@@ -75,11 +77,18 @@ def decode_predict_request(body: bytes) -> PredictRequest:
     except msgspec.ValidationError:
         raise
     except msgspec.DecodeError as exc:
-        raise BodyNotJson(str(exc)) from None
+        raise BodyNotJson(_plainly(str(exc))) from None
     except RecursionError:
         # Unknown fields are skipped, but still parsed: `"x": [[[...]]]` a
         # thousand deep reaches Python's recursion limit in a 2 KB body.
         raise ApiError(400, "Request body is nested too deeply.") from None
+
+
+def _plainly(reason: str) -> str:
+    # msgspec's words for a body that stops mid-value.
+    if reason == "Input data was truncated":
+        return "it ends before the JSON value is complete"
+    return reason
 
 
 def wants_async(headers: ClientHeaders) -> bool:
