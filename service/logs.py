@@ -145,10 +145,17 @@ class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # A message may quote what a client sent (an input, a header): its
+        # control characters are escaped, so it cannot forge a line. (A
+        # traceback, added after this, keeps its lines.)
+        if not record.message.isprintable():
+            record.message = _escaped(record.message)
+        text = super().formatMessage(record)
         prediction_id = getattr(record, "prediction_id", None)
-        return f"{text} prediction_id={prediction_id}" if prediction_id else text
+        if not prediction_id:
+            return text
+        return f"{text} prediction_id={_escaped(str(prediction_id))}"
 
 
 # -- the request log -----------------------------------------------------------------
@@ -243,8 +250,14 @@ class RequestLog:
             )
 
 
+# C0, DEL, C1 and the Unicode line separators, spelt as Python would: a
+# line of the text log is one line, and no byte of it drives a terminal.
+_CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
+_CONTROLS |= {0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
 def _escaped(text: str) -> str:
-    return text.encode("unicode_escape").decode("ascii")
+    return text.translate(_CONTROLS)
 
 
 # -- set-up --------------------------------------------------------------------------
