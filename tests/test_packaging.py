@@ -86,6 +86,28 @@ def test_compose_keeps_the_app_state_dir_on_a_volume_the_app_can_write() -> None
     assert user == ["10001"]
 
 
+def test_dockerignore_keeps_the_build_context_to_what_copy_needs() -> None:
+    ignored = {
+        line.strip().rstrip("/")
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert {".venv", ".git", "tests", "bench/results", "**/__pycache__"} <= ignored
+    copied = [
+        source
+        for instruction, arguments in _instructions()
+        if instruction == "COPY"
+        for source in shlex.split(arguments)[:-1]
+    ]
+    assert copied and not [source for source in copied if source.rstrip("/") in ignored]
+
+
+def test_compose_healthcheck_follows_port_as_the_image_does() -> None:
+    test = _compose()["services"]["app"]["healthcheck"]["test"]
+    assert test == json.loads(dict(_instructions())["HEALTHCHECK"].split("CMD", 1)[1])
+    assert "os.environ.get('PORT', '8080')" in test[-1]
+
+
 def test_compose_credentials_match_the_broker_user() -> None:
     services = _compose()["services"]
     user = services["rabbitmq"]["environment"]["RABBITMQ_DEFAULT_USER"]
