@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import logging
 import math
+import os
 import signal
 import socket
 import sys
@@ -26,6 +28,32 @@ MMAP_THRESHOLD_BYTES = 128 * 1024
 MALLOC_ARENAS = 2
 
 
+class UvicornErrors(logging.Filter):
+    """Remembers the last error uvicorn logs, so that a failed start ends saying why.
+
+    uvicorn logs why it cannot listen (a port taken, an address not this
+    host's), then exits with STARTUP_FAILURE: the reason would otherwise
+    be lines above the last one, and inside JSON with LOG_FORMAT=json.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            self.last = _reason(record)
+        return True
+
+
+def _reason(record: logging.LogRecord) -> str:
+    error = record.msg
+    # asyncio's text repeats the address the `error:` line already names.
+    if isinstance(error, OSError) and error.errno is not None:
+        return f"[Errno {error.errno}] {os.strerror(error.errno).lower()}"
+    return record.getMessage()
+
+
 class Server(uvicorn.Server):
     """uvicorn's server, which also tells the app the moment a signal arrives."""
 
@@ -33,6 +61,8 @@ class Server(uvicorn.Server):
         super().__init__(config)
         self._stopping = stopping
         self.fatal_error: str | None = None
+        self.uvicorn_errors = UvicornErrors()
+        logging.getLogger("uvicorn.error").addFilter(self.uvicorn_errors)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
@@ -70,7 +100,8 @@ def _serve() -> None:
         # uvicorn exits with 3 when it cannot start serving (the port is
         # taken, most often) after logging why; end with the usual line.
         if exc.code == STARTUP_FAILURE:
-            sys.exit(f"error: could not serve on {settings.host}:{settings.port} (why: above)")
+            why = server.uvicorn_errors.last or "see the log above"
+            sys.exit(f"error: could not serve on {settings.host}:{settings.port}: {why}")
         raise
     if server.fatal_error:
         sys.exit(f"error: {server.fatal_error}")

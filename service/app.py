@@ -21,9 +21,8 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from yarl import URL
 
-from service.broker import Broker, BrokerUnavailable
+from service.broker import Broker, BrokerAddress, BrokerUnavailable
 from service.consumer import TaskConsumer
 from service.disk import Identity
 from service.follower import EventFollower
@@ -111,6 +110,7 @@ def _lifespan(
 ) -> Lifespan:
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[dict[str, Services]]:
+        log.info("%s", startup_line(settings))
         stopping.clear()
         services = _build_services(settings, predictor, metrics, state_dir)
         async with anyio.create_task_group() as tg:
@@ -167,7 +167,7 @@ async def _run_broker_side(services: Services, stopping: asyncio.Event, on_fatal
     """
     try:
         settings = services.settings
-        identity = Identity(settings.broker_namespace, _vhost(settings.rabbitmq_url))
+        identity = Identity(settings.broker_namespace, services.broker.address.vhost)
         checkpoint = await services.store.open(services.state_dir.database, identity)
         services.follower.resume_after(checkpoint)
         await services.broker.connect()
@@ -194,8 +194,42 @@ async def _release_waiters_when(stopping: asyncio.Event, store: ResultStore) -> 
     store.release_waiters()
 
 
-def _vhost(rabbitmq_url: str) -> str:
-    return URL(rabbitmq_url).path.removeprefix("/") or "/"
+def startup_line(settings: Settings) -> str:
+    """What this replica runs with, in one line: address, model, broker and limits.
+
+    The broker is named without its password; the user, to tell replicas apart.
+    """
+    return (
+        f"starting on {_listen_address(settings)}: model {_model(settings)}, "
+        f"broker {_broker(settings)}, namespace {settings.broker_namespace!r}, "
+        f"model concurrency {settings.model_concurrency}, "
+        f"max body {settings.max_body_bytes} B, results kept {_seconds(settings.result_ttl_s)} s, "
+        f"memory budget {settings.results_memory_max_bytes} B, "
+        f"state dir {repr(settings.state_dir) if settings.state_dir else '(temporary)'}"
+    )
+
+
+def _listen_address(settings: Settings) -> str:
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host  # an IPv6 address
+    return f"{host}:{settings.port}"
+
+
+def _model(settings: Settings) -> str:
+    if settings.predictor:
+        return settings.predictor
+    delays = (_seconds(settings.model_delay_min_s), _seconds(settings.model_delay_max_s))
+    return f"mock ({delays[0]}-{delays[1]} s)"
+
+
+def _seconds(value: float) -> str:
+    # Whole seconds in full: `:g` alone writes 30 days as 2.592e+06.
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:g}"
+
+
+def _broker(settings: Settings) -> str:
+    address = BrokerAddress.parse(settings.rabbitmq_url)
+    tls = " (TLS)" if address.tls else ""
+    return f"{address}{tls} vhost {address.vhost!r} as {address.user}"
 
 
 def _version() -> str:

@@ -25,6 +25,7 @@ import asyncio
 import logging
 import math
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -32,8 +33,13 @@ from typing import Any
 
 import aio_pika
 import aio_pika.abc
+import aio_pika.robust_channel
+import aiormq.channel
+import aiormq.connection
+import aiormq.exceptions
 import anyio
 from aio_pika.connection import make_url
+from pamqp import commands as spec
 from yarl import URL
 
 from service.schemas import Message, json_encoder
@@ -48,9 +54,55 @@ RETRY_KEY = "retry"  # routes to the work queue only: tasks a worker puts back
 STREAM_SEGMENT_BYTES = 8 * 1024 * 1024
 CONNECT_BACKOFF_MAX_S = 5.0
 
+# AMQP reply codes of a broker that closes the connection or a channel on us.
+ACCESS_REFUSED = 403
+NOT_ALLOWED = 530
+# The code of each exception aiormq raises for a code it knows (it keeps only the text).
+_REPLY_CODE_OF: dict[type[BaseException], int] = {
+    exception: code
+    for mapping in (aiormq.connection.EXCEPTION_MAPPING, aiormq.channel.EXCEPTION_MAPPING)
+    for code, exception in mapping.items()
+}
+# RabbitMQ's words when it will not open the vhost. A limit reached says more
+# after the user ("...refused for user 'u': connection limit (5) is reached")
+# and passes with time: hence the anchor, and a retry for that one.
+VHOST_NOT_FOUND = re.compile(r"\bvhost .* not found")
+VHOST_REFUSED = re.compile(r"access to vhost '.*' refused for user '[^']*'$")
+
 
 class BrokerUnavailable(Exception):
     """The broker could not take a message in time."""
+
+
+class BrokerRefused(BrokerUnavailable):
+    """The broker turns this service away; only an operator can change that."""
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """Where RABBITMQ_URL points and as whom, without the password: for logs and errors."""
+
+    host: str
+    port: int
+    vhost: str
+    user: str
+    tls: bool
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        parsed = URL(url)
+        # What the URL leaves out, aiormq fills in so.
+        return cls(
+            host=parsed.host or "localhost",
+            port=parsed.port or aiormq.connection.DEFAULT_PORTS.get(parsed.scheme, 5672),
+            vhost=parsed.path.removeprefix("/") or "/",
+            user=parsed.user or "guest",
+            tls=parsed.scheme == "amqps",
+        )
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 address
+        return f"{host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -91,6 +143,124 @@ def redacted(url: str) -> str:
     return str(parsed.with_password("***")) if parsed.password else url
 
 
+def refusal(exc: BaseException, address: BrokerAddress) -> str | None:
+    """What the broker refuses for good, said for an operator; None if a retry may help.
+
+    Only a broker that is unreachable or overloaded (a connection limit
+    reached, a vhost restarting) is worth waiting for.
+    """
+    if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+        return (
+            f"RabbitMQ refused login for user {address.user!r} at {address}: "
+            "wrong password or unknown user (the broker's log says which)"
+        )
+    if isinstance(exc, aiormq.exceptions.AuthenticationError):
+        return f"RabbitMQ at {address} offers no login mechanism aio-pika has: {exc.args[0]}"
+    reply = close_reply(exc)
+    return None if reply is None else _refused_access(*reply, address)
+
+
+def _refused_access(code: int | None, text: str, address: BrokerAddress) -> str | None:
+    user, vhost = address.user, address.vhost
+    if code == NOT_ALLOWED and VHOST_NOT_FOUND.search(text):
+        return f"RabbitMQ vhost {vhost!r} does not exist at {address}"
+    if code == NOT_ALLOWED and VHOST_REFUSED.search(text):
+        return f"user {user!r} has no permission on vhost {vhost!r} at {address}"
+    if code == ACCESS_REFUSED:
+        # It may open the vhost, but not declare, read or write what it needs.
+        return f"user {user!r} lacks a permission on vhost {vhost!r} at {address}: {text}"
+    return None
+
+
+def close_reply(exc: BaseException) -> tuple[int | None, str] | None:
+    """The reply code and text the broker closed the connection or a channel with, if it did."""
+    if isinstance(exc, aiormq.exceptions.InvalidFrameError):
+        frame = _close_frame_behind(exc)
+        return None if frame is None else (frame.reply_code, frame.reply_text)
+    closed = (aiormq.exceptions.ConnectionClosed, aiormq.exceptions.ChannelClosed)
+    if not isinstance(exc, closed) or not exc.args:
+        return None
+    if len(exc.args) == 2:  # the classes for codes aiormq does not know: (code, text)
+        return exc.args[0], str(exc.args[1])
+    return _REPLY_CODE_OF.get(type(exc)), str(exc.args[0])
+
+
+def _close_frame_behind(exc: BaseException) -> spec.Connection.Close | None:
+    """The Connection.Close that an InvalidFrameError complains about.
+
+    aiormq 7.2 checks that the reply to Connection.Open is an OpenOk before
+    it looks for a Connection.Close, so a vhost the broker will not open
+    arrives as "Expected one of ['Connection.OpenOk'], got <Connection.Close
+    object at 0x...>": the broker's code and text are lost from the message.
+    The frame is still a local of the function that raised it.
+    """
+    traceback = exc.__traceback__
+    while traceback is not None:
+        for value in traceback.tb_frame.f_locals.values():
+            if isinstance(value, spec.Connection.Close):
+                return value
+        traceback = traceback.tb_next
+    return None
+
+
+class ConnectionNoise(logging.Filter):
+    """Drops what aiormq and aio-pika log about a lost connection.
+
+    The Broker says so in one WARNING line, and why reconnecting fails once
+    per reason; the libraries would add an ERROR line, a traceback and a
+    line per attempt. Everything else they log still shows (a blocked
+    connection, a malformed frame).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _is_connection_noise(record)
+
+
+NOISY_LOGGERS = ("aiormq.connection", "aio_pika.robust_connection", "aio_pika.tools")
+_connection_noise = ConnectionNoise()
+
+
+def quiet_connection_noise() -> None:
+    """Install ConnectionNoise on the libraries' loggers (once: addFilter skips a duplicate)."""
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).addFilter(_connection_noise)
+
+
+def _is_connection_noise(record: logging.LogRecord) -> bool:
+    message = str(record.msg)
+    if record.name == "aiormq.connection":
+        if message.startswith("Cancelling cause reader exited abnormally"):
+            # A traceback; noise when it is that of a lost connection, not a malformed frame.
+            return record.exc_info is not None and isinstance(record.exc_info[1], ConnectionError)
+        return message.startswith(("Unexpected connection close", "error when creating transport"))
+    if record.name == "aio_pika.robust_connection":
+        return message.startswith("Connection attempt to")
+    if record.name == "aio_pika.tools" and isinstance(record.args, tuple) and record.args:
+        return _is_channel_reopened_too_soon(record.args)
+    return False
+
+
+def _is_channel_reopened_too_soon(args: tuple[object, ...]) -> bool:
+    # A channel tries to reopen the moment its connection closes, and fails
+    # for want of one ("No active transport in channel", "<Connection> closed");
+    # the robust connection reopens every channel once it is back.
+    callback = getattr(args[0], "callback", args[0])  # aio-pika's OneShotCallback wraps it
+    reopening = (
+        getattr(callback, "__func__", None) is aio_pika.robust_channel.RobustChannel._on_close
+    )
+    return reopening and any(isinstance(arg, RuntimeError) for arg in args[1:])
+
+
+def describe(exc: BaseException | None) -> str:
+    """An error of the broker link in one short line: the broker's own words if it gave any."""
+    if exc is None:
+        return "no reason given"
+    reply = close_reply(exc)
+    if reply is not None:
+        return reply[1]
+    return str(exc) or type(exc).__name__
+
+
 class Broker:
     """One robust connection with two channels.
 
@@ -104,6 +274,10 @@ class Broker:
         # No I/O here: `connect()` does it, from the lifespan's background task.
         self.settings = settings
         self.names = Names.for_namespace(settings.broker_namespace)
+        self.address = BrokerAddress.parse(settings.rabbitmq_url)
+        # Why reconnecting failed, each said once per outage (aio-pika retries every
+        # BROKER_RECONNECT_INTERVAL_S, whatever the error).
+        self._failures_logged: set[str] = set()
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._up = asyncio.Event()
         self._down = asyncio.Event()
@@ -116,18 +290,16 @@ class Broker:
     async def connect(self) -> None:
         """Connect (retrying until BROKER_CONNECT_TIMEOUT_S) and declare the topology.
 
-        Raises BrokerUnavailable with an operator-readable message on failure.
+        Raises BrokerUnavailable with an operator-readable message on failure,
+        BrokerRefused at once if the broker turns us away for good.
         """
-        connection = await _connect_with_retry(self.settings)
+        quiet_connection_noise()
+        connection = await _connect_with_retry(self.settings, self.address)
         try:
             await self._declare(connection)
-        except aio_pika.exceptions.ChannelPreconditionFailed as exc:
+        except aiormq.exceptions.AMQPError as exc:
             await connection.close()
-            raise BrokerUnavailable(
-                f"the broker already has {self.names.exchange}.* declared with other "
-                f"arguments (was RESULT_TTL_S or MAX_ATTEMPTS changed?); use a new "
-                f"BROKER_NAMESPACE or delete the old queues: {exc}"
-            ) from None
+            raise self._declare_failure(exc) from None
         except BaseException:
             await connection.close()
             raise
@@ -171,6 +343,17 @@ class Broker:
         if self._connection is not None:
             await self._connection.close()
 
+    def _declare_failure(self, exc: aiormq.exceptions.AMQPError) -> Exception:
+        """The error to stop the start with, in an operator's words where we have them."""
+        if isinstance(exc, aio_pika.exceptions.ChannelPreconditionFailed):
+            return BrokerUnavailable(
+                f"the broker already has {self.names.exchange}.* declared with other "
+                f"arguments (was RESULT_TTL_S or MAX_ATTEMPTS changed?); use a new "
+                f"BROKER_NAMESPACE or delete the old queues: {exc}"
+            )
+        refused = refusal(exc, self.address)
+        return exc if refused is None else BrokerRefused(refused)
+
     async def _declare(self, connection: aio_pika.abc.AbstractRobustConnection) -> None:
         names, settings = self.names, self.settings
         self.tasks_channel = await _open_channel(connection, settings.model_concurrency)
@@ -194,14 +377,34 @@ class Broker:
             await self.events_queue.bind(self.exchange, key)
         await self.events_queue.bind(dead_exchange)
 
-    def _on_connection_lost(self, *_: Any) -> None:
+    def _on_connection_lost(self, _: object, exc: BaseException | None = None) -> None:
+        # Called when the connection drops, then once per failed attempt to reconnect.
+        interval_s = self.settings.broker_reconnect_interval_s
         if self._up.is_set():
-            log.warning("lost the broker connection; reconnecting")
+            log.warning(
+                "lost the broker connection (%s); reconnecting every %g s",
+                describe(exc),
+                interval_s,
+            )
+        elif exc is not None and not isinstance(exc, asyncio.CancelledError):
+            self._log_reconnect_failure(exc, interval_s)
         self._up.clear()
         self._down.set()
 
+    def _log_reconnect_failure(self, exc: BaseException, interval_s: float) -> None:
+        refused = refusal(exc, self.address)
+        reason = refused or describe(exc)
+        if reason in self._failures_logged:
+            return
+        self._failures_logged.add(reason)
+        if refused:
+            log.error("cannot reconnect: %s; retrying every %g s", refused, interval_s)
+        else:
+            log.warning("reconnecting failed (%s); retrying every %g s", reason, interval_s)
+
     def _on_reconnected(self, *_: Any) -> None:
         log.info("broker connection restored")
+        self._failures_logged.clear()
         self._down.clear()
         self._up.set()
 
@@ -236,22 +439,27 @@ async def _open_channel(
     return channel
 
 
-async def _connect_with_retry(settings: Settings) -> aio_pika.abc.AbstractRobustConnection:
+async def _connect_with_retry(
+    settings: Settings, address: BrokerAddress
+) -> aio_pika.abc.AbstractRobustConnection:
     # Compose starts the broker and the service together; give the broker
     # BROKER_CONNECT_TIMEOUT_S to come up, backing off between attempts.
+    # A refusal (login, vhost, permissions) waits for an operator, not for time.
     deadline = time.monotonic() + settings.broker_connect_timeout_s
     delay_s = 0.2
     while True:
         try:
             return await _connect_once(settings)
         except aio_pika.exceptions.CONNECTION_EXCEPTIONS as exc:
+            if (refused := refusal(exc, address)) is not None:
+                raise BrokerRefused(refused) from None
             remaining_s = deadline - time.monotonic()
             if remaining_s <= 0:
                 raise BrokerUnavailable(
                     f"cannot reach RabbitMQ at {redacted(settings.rabbitmq_url)} after "
-                    f"{settings.broker_connect_timeout_s:g} s: {exc}"
+                    f"{settings.broker_connect_timeout_s:g} s: {describe(exc)}"
                 ) from None
-            log.info("broker not reachable yet (%s); retrying in %.1f s", exc, delay_s)
+            log.info("broker not reachable yet (%s); retrying in %.1f s", describe(exc), delay_s)
             await anyio.sleep(min(delay_s, remaining_s))
             delay_s = min(delay_s * 2, CONNECT_BACKOFF_MAX_S)
 

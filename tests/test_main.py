@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import os
 import signal
 import socket
 
@@ -86,7 +88,11 @@ async def test_a_port_in_use_ends_with_an_error_line(rabbitmq_url: str) -> None:
         assert await service.wait_exit(timeout_s=15) == 1
     lines = service.log().strip().splitlines()
     assert "address already in use" in service.log()
-    assert lines[-1] == f"error: could not serve on 127.0.0.1:{settings.port} (why: above)"
+    # The reason on the last line itself, not lines above it.
+    assert lines[-1] == (
+        f"error: could not serve on 127.0.0.1:{settings.port}: "
+        f"[Errno {errno.EADDRINUSE}] {os.strerror(errno.EADDRINUSE).lower()}"
+    )
     await delete_namespace(settings)
 
 
