@@ -15,7 +15,7 @@ from types import FrameType
 import uvicorn
 
 from service.app import create_app
-from service.http.protocol import ServiceHttpProtocol
+from service.http.protocol import UVICORN_OPTIONS
 from service.logs import close_logging, configure_logging
 from service.settings import ConfigError, Settings
 
@@ -116,7 +116,7 @@ def _build_server(settings: Settings) -> Server:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http=ServiceHttpProtocol,  # httptools: JSON 400s, cancels abandoned sync requests
+        **UVICORN_OPTIONS,  # httptools: JSON errors, head limits, timeouts; nosniff
         lifespan="on",
         access_log=False,  # the app logs requests itself, with prediction ids
         log_config=None,  # keep the handlers configure_logging installed

@@ -24,7 +24,7 @@ from starlette.applications import Starlette
 
 from service.app import create_app
 from service.broker import EVENT_KEY, Names, connection_prefix
-from service.http.protocol import ServiceHttpProtocol
+from service.http.protocol import UVICORN_OPTIONS
 from service.schemas import json_encoder
 from service.services import Services
 from service.settings import Settings
@@ -145,7 +145,7 @@ async def live_app(settings: Settings, *, wait_ready: bool = True) -> AsyncItera
         host="127.0.0.1",
         port=settings.port,
         lifespan="on",
-        http=ServiceHttpProtocol,  # as `python -m service` runs it
+        **UVICORN_OPTIONS,  # as `python -m service` runs it
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=5,

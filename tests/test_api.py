@@ -122,7 +122,6 @@ async def test_empty_id_answers_404(live: LiveApp) -> None:
 @pytest.mark.parametrize(
     "body",
     [
-        b"",
         b"not json",
         b"{",
         b'{"input":"a"} trailing',

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import msgspec
 from starlette.requests import Request
 from starlette.types import Scope
@@ -62,6 +64,9 @@ async def read_body(request: Request, headers: ClientHeaders, limit_bytes: int) 
         chunks.append(chunk)
 
 
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def decode_predict_request(body: bytes) -> PredictRequest:
     """400 if the body is not JSON or absurdly nested; 422 (ValidationError) if misshapen."""
     if not body.strip():
@@ -77,18 +82,21 @@ def decode_predict_request(body: bytes) -> PredictRequest:
     except msgspec.ValidationError:
         raise
     except msgspec.DecodeError as exc:
-        raise BodyNotJson(_plainly(str(exc))) from None
+        raise BodyNotJson(_plainly(str(exc), body)) from None
     except RecursionError:
         # Unknown fields are skipped, but still parsed: `"x": [[[...]]]` a
         # thousand deep reaches Python's recursion limit in a 2 KB body.
         raise ApiError(400, "Request body is nested too deeply.") from None
 
 
-def _plainly(reason: str) -> str:
-    # msgspec's words for a body that stops mid-value.
-    if reason == "Input data was truncated":
-        return "it ends before the JSON value is complete"
-    return reason
+def _plainly(reason: str, body: bytes) -> str:
+    # msgspec says "truncated" for a body that stops mid-value, and for a
+    # lone surrogate escape too (a string Python could not encode again).
+    if reason != "Input data was truncated":
+        return reason
+    if SURROGATE_ESCAPE.search(body):
+        return "it holds a \\uD800-\\uDFFF escape that is not half of a pair"
+    return "it ends before the JSON value is complete"
 
 
 def wants_async(headers: ClientHeaders) -> bool:
