@@ -60,7 +60,8 @@ def row(ctx: Context, result: CapacityResult, client_cpu: float, server_cpu: flo
     }
     return Row(
         "capacity",
-        f"4. {result.async_count} async + {result.sync_count} sync, makespan vs longest wait",
+        f"4. {result.async_count} async + {result.sync_count} sync, makespan vs longest wait"
+        f" (MODEL_CONCURRENCY={total})",
         "s",
         "s",
         [result.makespan_s],
