@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import math
@@ -10,6 +11,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Iterator
 from types import FrameType
 
 import uvicorn
@@ -63,6 +65,17 @@ class Server(uvicorn.Server):
         self.fatal_error: str | None = None
         self.uvicorn_errors = UvicornErrors()
         logging.getLogger("uvicorn.error").addFilter(self.uvicorn_errors)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                # As this exits, uvicorn ends the process by the signal it
+                # caught (SIGTERM kills it there): the log lines still
+                # waiting for the writer thread are written first.
+                close_logging()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)

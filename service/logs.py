@@ -138,7 +138,7 @@ class JsonFormatter(logging.Formatter):
                 line[name] = value
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
-        return _encoder.encode(line).decode()
+        return _one_line(_encoder.encode(line).decode())
 
 
 class TextFormatter(logging.Formatter):
@@ -229,7 +229,7 @@ class RequestLog:
                 http_status=status,
                 duration_ms=round(duration_ms, 2),
             )
-            self._writer.write(_encoder.encode(fields).decode())
+            self._writer.write(_one_line(_encoder.encode(fields).decode()))
             return
         # A path is percent-decoded: a %0a in it would end the line and let
         # the rest pass for a line of its own, ESC codes would drive the
@@ -260,6 +260,15 @@ def _escaped(text: str) -> str:
     return text.translate(_CONTROLS)
 
 
+# JSON leaves these raw, and some readers (Python's splitlines) end a line at them.
+_JSON_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def _one_line(json_text: str) -> str:
+    # JSON escapes every other control character: the text is then printable.
+    return json_text if json_text.isprintable() else json_text.translate(_JSON_LINE_BREAKS)
+
+
 # -- set-up --------------------------------------------------------------------------
 
 _writer: LineWriter | None = None
@@ -269,7 +278,7 @@ request_log: RequestLog | None = None  # None: requests go through `logging` (te
 def configure_logging(level: str, fmt: str) -> None:
     global _writer, request_log  # noqa: PLW0603 - one writer per process, like logging's root
     close_logging()
-    _writer = LineWriter(sys.stderr.fileno())
+    _writer = LineWriter(_stderr_fd())
     handler = WriterHandler(_writer)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     request_log = RequestLog(_writer, json=fmt == "json")
@@ -279,6 +288,16 @@ def configure_logging(level: str, fmt: str) -> None:
     # aio-pika logs every reconnect attempt with a traceback; ours say enough.
     logging.getLogger("aio_pika").setLevel(max(logging.WARNING, root.level))
     logging.getLogger("aiormq").setLevel(max(logging.WARNING, root.level))
+
+
+def _stderr_fd() -> int:
+    # Started with stderr closed (`2>&-`), Python has no sys.stderr: the
+    # service still runs, its lines going nowhere, as they would to a
+    # stderr closed later.
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return os.open(os.devnull, os.O_WRONLY)
 
 
 def close_logging() -> None:

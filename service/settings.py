@@ -65,13 +65,16 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", forbid_unknown_field
             # `inf` passes every bound above, then hangs a sleep or breaks
             # a conversion to int long after the start.
             if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{name.upper()} must be a finite number, not {value}")
+                raise ValueError(f"{name.upper()} must be a finite number")
         if not self.rabbitmq_url.startswith(("amqp://", "amqps://")):
             # Said at once: aio-pika would retry a malformed URL until
             # BROKER_CONNECT_TIMEOUT_S, then fail with an empty reason.
             raise ValueError("RABBITMQ_URL must start with amqp:// or amqps://")
         if self.model_delay_min_s > self.model_delay_max_s:
-            raise ValueError("MODEL_DELAY_MIN_S must not exceed MODEL_DELAY_MAX_S")
+            raise ValueError(
+                f"MODEL_DELAY_MIN_S={self.model_delay_min_s:g} must not exceed "
+                f"MODEL_DELAY_MAX_S={self.model_delay_max_s:g}"
+            )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -98,6 +101,7 @@ def _normalise(key: str, value: str) -> str:
     return value.lower() if key == "LOG_FORMAT" else value
 
 
+_NOT_FINITE = re.compile(r"^(?P<name>[A-Z_]+) must be a finite number$")
 _AT_SETTING = re.compile(r"^(?P<what>.*) - at `\$\.(?P<name>[A-Z_]+)`$")
 
 
@@ -108,6 +112,10 @@ def _explain(message: str, given: Mapping[str, str]) -> str:
     the value normalised, one bound of two, types in Python's words. The
     allowed values are read from the field's type instead.
     """
+    not_finite = _NOT_FINITE.match(message)
+    if not_finite is not None:
+        name = not_finite["name"]
+        return f"invalid setting {name}={given.get(name, '')!r}: expected {_ALLOWED[name]}"
     match = _AT_SETTING.match(message)
     if match is None:
         return f"invalid setting: {message}"

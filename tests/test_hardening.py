@@ -151,3 +151,36 @@ async def test_every_response_says_nosniff_and_names_no_server(live: LiveApp) ->
             response = await client.request(method, path, content=b"{")
             assert response.headers["x-content-type-options"] == "nosniff", path
             assert "server" not in response.headers, path
+
+
+async def test_a_websocket_upgrade_is_answered_as_plain_http(live: LiveApp) -> None:
+    upgrade = {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version": "13",
+    }
+    for path, status in (("/healthz", 200), ("/docs", 200), ("/nope", 404)):
+        response = await live.client.get(path, headers=upgrade)
+        assert response.status_code == status, path
+        assert response.headers["x-content-type-options"] == "nosniff"
+
+
+async def test_wait_zero_is_answered_at_once_and_says_nothing_applied(
+    rabbitmq_url: str,
+) -> None:
+    settings = settings_for_test(rabbitmq_url, model_delay_min_s=5, model_delay_max_s=5)
+    async with live_app(settings) as live:
+        prediction_id = await submit_async(live.client, "slow")
+        response = await live.client.get(f"/predict/{prediction_id}", headers={"Prefer": "wait=0"})
+        assert response.status_code == 400
+        assert "preference-applied" not in response.headers
+
+
+async def test_the_request_line_of_an_accepted_prediction_names_its_id(
+    live: LiveApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="service.access"):
+        prediction_id = await submit_async(live.client, "named")
+    [line] = [r for r in caplog.records if r.name == "service.access" and " 202 " in r.getMessage()]
+    assert getattr(line, "prediction_id", None) == prediction_id

@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 import pytest
 
-from tests.support import LiveApp, live_app, settings_for_test
+from tests.support import LiveApp, live_app, metric, settings_for_test
 
 # The tight app's limits: small, so that the tests reach them in a moment.
 HEAD_LIMIT = 1024
@@ -366,6 +366,24 @@ async def test_a_stalled_body_gets_408_and_the_request_ends_without_an_error(
             await asyncio.sleep(0.01)
     assert 'status="500"' not in (await tight.client.get("/metrics")).text
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+    # Logged and counted as what the client got.
+    assert await metric(tight.client, _POST_STATUS.format(status=408)) >= 1
+
+
+_POST_STATUS = 'http_requests_total{{method="POST",route="/predict",status="{status}"}}'
+
+
+async def test_a_body_its_client_abandons_is_counted_as_499(tight: LiveApp) -> None:
+    before = await metric(tight.client, _POST_STATUS.format(status=499))
+    before_400 = await metric(tight.client, _POST_STATUS.format(status=400))
+    body = predict_body("abandoned")
+    async with connect(tight) as conn:
+        await conn.send(post_head(len(body)) + body[:5])
+        await asyncio.sleep(0.1)
+    with anyio.fail_after(2):
+        while await metric(tight.client, _POST_STATUS.format(status=499)) < before + 1:
+            await asyncio.sleep(0.02)
+    assert await metric(tight.client, _POST_STATUS.format(status=400)) == before_400
 
 
 async def test_a_slow_but_steady_body_is_served(tight: LiveApp) -> None:

@@ -104,7 +104,8 @@ def test_dockerignore_keeps_the_build_context_to_what_copy_needs() -> None:
 
 def test_compose_healthcheck_follows_port_as_the_image_does() -> None:
     test = _compose()["services"]["app"]["healthcheck"]["test"]
-    assert test == json.loads(dict(_instructions())["HEALTHCHECK"].split("CMD", 1)[1])
+    image = json.loads(dict(_instructions())["HEALTHCHECK"].split("CMD", 1)[1])
+    assert test == ["CMD", *image]
     assert "os.environ.get('PORT', '8080')" in test[-1]
 
 

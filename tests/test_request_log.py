@@ -22,7 +22,15 @@ import httpx
 
 from bench.httpclient import Connection, encode_request
 from service.settings import Settings
-from tests.support import REPO, ServiceProcess, settings_env, settings_for_test, wait_ready_at
+from tests.support import (
+    REPO,
+    ServiceProcess,
+    metric,
+    settings_env,
+    settings_for_test,
+    submit_async,
+    wait_ready_at,
+)
 
 TEXT_LINE = re.compile(
     r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO service\.access: "
@@ -85,12 +93,38 @@ async def test_sigterm_writes_every_line_still_in_the_buffer(rabbitmq_url: str) 
     assert logged == {path for sent in paths for path in sent}
 
 
+async def test_sigterm_keeps_the_lines_of_predictions_finished_during_the_grace(
+    rabbitmq_url: str,
+) -> None:
+    # uvicorn ends the process by re-raising SIGTERM after its shutdown:
+    # lines logged in its last moments must still be written.
+    settings = settings_for_test(rabbitmq_url, model_delay_min_s=1, model_delay_max_s=1)
+    service = ServiceProcess(settings)
+    await service.start()
+    async with httpx.AsyncClient(base_url=service.base_url) as client:
+        ids = [await submit_async(client, f"graced {n}") for n in range(5)]
+        with anyio.fail_after(10):
+            while await metric(client, "predictions_in_flight") < 5:
+                await asyncio.sleep(0.05)
+    service.signal(signal.SIGTERM)
+    assert await service.wait_exit() == -signal.SIGTERM
+    log = service.log()
+    done = {
+        line.rsplit("prediction_id=", 1)[-1]
+        for line in log.splitlines()
+        if "prediction done" in line
+    }
+    assert done == set(ids)
+    assert service.process is not None
+    assert log.rstrip().endswith(f"Finished server process [{service.process.pid}]")
+
+
 async def test_json_request_lines_parse_with_their_fields(rabbitmq_url: str) -> None:
     service = ServiceProcess(settings_for_test(rabbitmq_url), LOG_FORMAT="json")
     await service.start()
     try:
         async with httpx.AsyncClient(base_url=service.base_url) as client:
-            response = await client.get("/predict/abc%0a%1b[31m%00\u00e9")
+            response = await client.get("/predict/abc%0a%1b[31m%00\u00e9%E2%80%A8%C2%85")
             assert response.status_code == 404
             await _get_many(service.settings.port, _paths(connections=8, per_connection=20))
     finally:
@@ -105,7 +139,9 @@ async def test_json_request_lines_parse_with_their_fields(rabbitmq_url: str) -> 
         assert line["level"] == "info" and line["http_status"] == 404
         assert isinstance(line["duration_ms"], float)
     # JSON escapes what the path decodes to; the line stays one line.
-    assert requests[0]["message"].startswith("GET /predict/abc\n\x1b[31m\x00\u00e9 404 ")
+    assert requests[0]["message"].startswith("GET /predict/abc\n\x1b[31m\x00\u00e9\u2028\x85 404 ")
+    # Not even the line breaks JSON may leave raw: every line is one line, for any reader.
+    assert all(line.isprintable() for line in service.log().splitlines())
 
 
 async def test_a_forged_line_in_the_path_stays_inside_its_own_line(rabbitmq_url: str) -> None:
@@ -186,6 +222,25 @@ async def _read_until(process: subprocess.Popen[bytes], done: Callable[[str], bo
                 continue
             chunks.append(chunk)
     return b"".join(chunks).decode(errors="replace")
+
+
+async def test_a_service_started_with_stderr_closed_serves(rabbitmq_url: str) -> None:
+    settings = settings_for_test(rabbitmq_url)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service"],
+        env=settings_env(settings),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: os.close(2),  # as `2>&-`: no stderr at all  # noqa: PLW1509
+    )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.port}") as client:
+            await wait_ready_at(client, timeout_s=30)
+            assert (await client.post("/predict", json={"input": "x"})).status_code == 200
+    finally:
+        code = await _stop(process)
+    assert code == -signal.SIGTERM
 
 
 async def test_a_closed_stderr_never_fails_a_request(rabbitmq_url: str) -> None:

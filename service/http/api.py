@@ -16,6 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from service.broker import BrokerUnavailable
 from service.http.errors import ApiError
+from service.http.instrument import ACCEPTED_ID_KEY
 from service.http.protocol import CANCEL_ON_DISCONNECT_KEY, CLIENT_GONE_KEY
 from service.http.requests import (
     ClientHeaders,
@@ -87,7 +88,7 @@ async def predict(request: Request) -> Response:
     body = await read_body(request, headers, services.settings.max_body_bytes)
     payload = decode_predict_request(body)
     if wants_async(headers):
-        response = await _accept(services, payload.input)
+        response = await _accept(services, payload.input, request.scope)
         if "respond-async" in preferences(headers.prefer):
             response.headers["Preference-Applied"] = "respond-async"
         return response
@@ -134,8 +135,9 @@ def _cut_off(*, client_gone: bool) -> Response:
     )
 
 
-async def _accept(services: Services, input: str) -> Response:
+async def _accept(services: Services, input: str, scope: Scope) -> Response:
     prediction_id = str(uuid.uuid4())
+    scope[ACCEPTED_ID_KEY] = prediction_id  # the request log's line names it
     try:
         await services.journal.accept(Accepted(prediction_id, input, time.time()))
     except BrokerUnavailable as exc:
@@ -161,7 +163,7 @@ async def get_prediction(scope: Scope) -> Response:
     entry = services.store.get(prediction_id)  # memory: the hot path
     if entry is None:
         entry = await _find(services, prediction_id)
-    if wait_s is None or not isinstance(entry, Pending):
+    if wait_s is None or wait_s <= 0 or not isinstance(entry, Pending):
         # Answered at once: no wait was applied, so none is said.
         return _prediction_response(prediction_id, entry)
     try:

@@ -20,6 +20,8 @@ from service.metrics import Metrics
 
 access_log = logging.getLogger("service.access")
 
+# The id an async POST was given, noted in the scope for its request line.
+ACCEPTED_ID_KEY = "service.accepted_id"
 # Probes and scrapes arrive every few seconds and say nothing new.
 QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 
@@ -52,7 +54,7 @@ class InstrumentMiddleware:
 
 
 def _log_access(scope: Scope, status: int, elapsed_s: float) -> None:
-    prediction_id = scope.get("path_params", {}).get("prediction_id")
+    prediction_id = scope.get(ACCEPTED_ID_KEY) or scope.get("path_params", {}).get("prediction_id")
     if logs.request_log is not None:
         logs.request_log.write(scope["method"], scope["path"], status, elapsed_s, prediction_id)
         return

@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 # that it was cancelled for that reason.
 CANCEL_ON_DISCONNECT_KEY = "service.cancel_on_disconnect"
 CLIENT_GONE_KEY = "service.client_gone"
+# Set when this protocol ended a request whose body stalled (it answered 408).
+BODY_TIMED_OUT_KEY = "service.body_timed_out"
 # After a 408 or 431, how long what the client still sends is read and dropped.
 LINGER_S = 1.0
 # The limits when the app's lifespan state has no settings (another app).
@@ -230,6 +232,7 @@ class ServiceHttpProtocol(HttpToolsProtocol):
     def _end_stalled_request(self, cycle: RequestResponseCycle) -> None:
         # The app's receive() now returns http.disconnect, and whatever it
         # answers then is dropped: the 408 below is the answer.
+        cast("dict[str, Any]", cycle.scope)[BODY_TIMED_OUT_KEY] = True  # for the log and /metrics
         cycle.disconnected = True
         cycle.message_event.set()
         self._drop_input()
@@ -332,6 +335,10 @@ def _peer(client: tuple[str, int] | None) -> str:
 # browser reads a JSON error as a page or a script.
 UVICORN_OPTIONS: dict[str, Any] = {
     "http": ServiceHttpProtocol,
+    # No WebSocket route exists; with the `websockets` package installed,
+    # uvicorn would answer an upgrade with a 403 of its own (plain text,
+    # none of the headers here). Off, an upgrade is a plain HTTP request.
+    "ws": "none",
     "server_header": False,
     "headers": [("X-Content-Type-Options", "nosniff")],
 }

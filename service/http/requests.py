@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.types import Scope
 
 from service.http.errors import ApiError, BodyNotJson
+from service.http.protocol import BODY_TIMED_OUT_KEY
 from service.schemas import PredictRequest, request_decoder
 
 
@@ -53,7 +54,7 @@ async def read_body(request: Request, headers: ClientHeaders, limit_bytes: int) 
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
-            raise ApiError(400, "The client went away before sending its body.")
+            raise _body_cut_off(request)
         chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > limit_bytes:
@@ -87,6 +88,13 @@ def decode_predict_request(body: bytes) -> PredictRequest:
         # Unknown fields are skipped, but still parsed: `"x": [[[...]]]` a
         # thousand deep reaches Python's recursion limit in a 2 KB body.
         raise ApiError(400, "Request body is nested too deeply.") from None
+
+
+def _body_cut_off(request: Request) -> ApiError:
+    # Nobody reads this answer: the status is for the log and /metrics.
+    if BODY_TIMED_OUT_KEY in request.scope:
+        return ApiError(408, "The request body stalled.")  # the protocol answered 408
+    return ApiError(499, "The client closed the request before sending its body.")
 
 
 def _plainly(reason: str, body: bytes) -> str:
