@@ -233,6 +233,7 @@ class EventFollower:
                 return False  # the broker starts at the head of the chunk holding `expect`
             if Position.of(offset, body) == expect:
                 self._expect, self._last_body = None, body
+                self._store.verified()  # the state is this stream's: it may answer
                 return False
             self._stream_moved_on(expect)
             return False

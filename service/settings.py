@@ -18,6 +18,8 @@ import msgspec
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 Positive = Annotated[float, msgspec.Meta(gt=0)]
+# Also an AMQP prefetch count, which is a 16-bit number.
+PrefetchCount = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 
 
 class ConfigError(Exception):
@@ -30,7 +32,7 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", forbid_unknown_field
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
     model_delay_min_s: NonNegative = 10
     model_delay_max_s: NonNegative = 17
-    model_concurrency: PositiveInt = 100
+    model_concurrency: PrefetchCount = 100
     max_body_bytes: PositiveInt = 1_048_576
     # A request head past these is refused with 431, before it is parsed whole.
     max_header_bytes: PositiveInt = 65_536
@@ -52,7 +54,7 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", forbid_unknown_field
     results_memory_max_bytes: PositiveInt = 268_435_456
     # Where the on-disk state lives; empty: a temporary directory, removed at exit.
     state_dir: str = ""
-    stream_prefetch: PositiveInt = 128
+    stream_prefetch: PrefetchCount = 128
     # Most events one broker message carries; 1 publishes each alone, as
     # versions before batching did and as they need to read (rolling upgrade).
     publish_batch_max: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 64

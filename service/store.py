@@ -84,6 +84,12 @@ class ResultStore:
         self._disk: DiskStore | None = None
         self._large_reads = anyio.CapacityLimiter(1)
         self._closed = False
+        # False while what memory and disk hold may not be the stream's: a
+        # state resumed from STATE_DIR until the stream shows it still has
+        # the message the state ends at (a stream deleted and declared
+        # anew would make it another deployment's), and during a reset.
+        self._serving = True
+        self._resets = 0  # a lookup that spans one must not bring old rows back
         self.disk_entries = 0
         self.cold_reads = 0
         # Set when a read finds the disk damaged; the follower rebuilds.
@@ -110,10 +116,17 @@ class ResultStore:
             self._disk = disk
             self.disk_entries = count
             self._writes.attach(disk, lambda: self._clock() - self._ttl_s)
+            self._serving = checkpoint is None
         return checkpoint
+
+    def verified(self) -> None:
+        """The stream still holds the message the resumed state ends at: serve it."""
+        self._serving = True
 
     async def reset(self) -> None:
         """Forget everything the stream said: it is about to be read from its start."""
+        self._serving = False
+        self._resets += 1
         async with self._lock:
             self._hot.clear()
             self._pending = OrderedDict((k, v) for k, v in self._pending.items() if not v.logged)
@@ -122,6 +135,7 @@ class ResultStore:
             await self._writes.run(self._disk.wipe)
         self.disk_entries = 0
         self.damaged.clear()
+        self._serving = True  # empty: what it learns from now on is the stream's
 
     def catching_up(self, catching_up: bool) -> None:
         """While the follower catches up, write only what memory needs to free."""
@@ -145,6 +159,8 @@ class ResultStore:
 
     def get(self, prediction_id: str) -> Found:
         """What memory holds: a dict lookup or two, no I/O (the GET hot path)."""
+        if not self._serving:
+            return None  # `lookup` says why
         entry = self._hot.get(prediction_id)
         if entry is not None:
             return None if self._expired(entry.updated_at_s) else entry
@@ -155,10 +171,14 @@ class ResultStore:
 
     async def lookup(self, prediction_id: str) -> Found:
         """Memory, then disk: a finished prediction read from disk stays in memory a while."""
+        self._check_serving()
         found = self.get(prediction_id)
         if found is not None or self._disk is None:
             return found
+        resets = self._resets
         row = await self._read(prediction_id)
+        if resets != self._resets:
+            raise StateUnavailable("the local state is being rebuilt from the event stream")
         if row is None or self._expired(row.updated_at_s):
             return None
         if not row.finished:
@@ -171,6 +191,12 @@ class ResultStore:
         self._hot.put(prediction_id, entry)
         self._evict(self._writes.committed)
         return entry
+
+    def _check_serving(self) -> None:
+        if not self._serving:
+            raise StateUnavailable(
+                "the local state is being checked against, or rebuilt from, the event stream"
+            )
 
     async def wait_finished(self, prediction_id: str, timeout_s: float) -> Found:
         """The prediction once finished, or as it stands after `timeout_s`.

@@ -199,6 +199,51 @@ async def test_a_stream_declared_anew_since_the_checkpoint_is_replayed_from_its_
         await service.stop()
 
 
+@pytest.mark.parametrize("new_stream", ["shorter", "longer"])
+async def test_a_state_from_a_deleted_stream_is_never_served_even_while_starting(
+    rabbitmq_url: str, tmp_path: Path, new_stream: str
+) -> None:
+    # Between the start and the check of the stream, the state on disk may
+    # belong to a stream deleted since: it must not answer, nor come back
+    # into memory through a read racing the rebuild.
+    settings = _settings(rabbitmq_url, tmp_path / "state")
+    answers = await _run_and_stop(settings, 3)
+    await delete_namespace(settings)
+    if new_stream == "longer":  # the new stream passes the old offset
+        await _run_and_stop(settings.with_changes(state_dir=""), 20)
+    service = ServiceProcess(settings)
+    await service.start(wait_ready=False)
+    statuses: list[int] = []
+    try:
+        async with httpx.AsyncClient(base_url=service.base_url, timeout=5) as client:
+            with anyio.fail_after(30):
+                while not await _ready(client):
+                    statuses += await _get_all(client, answers)
+            statuses += await _get_all(client, answers)
+            assert await metric(client, "results_memory_entries") <= 20
+    finally:
+        await service.stop()
+    assert 200 not in statuses
+    assert statuses[-len(answers) :] == [404] * len(answers)
+
+
+async def _ready(client: httpx.AsyncClient) -> bool:
+    try:
+        return (await client.get("/readyz")).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+async def _get_all(client: httpx.AsyncClient, answers: Answers) -> list[int]:
+    statuses = []
+    for prediction_id in answers:
+        try:
+            statuses.append((await client.get(f"/predict/{prediction_id}")).status_code)
+        except httpx.TransportError:
+            await asyncio.sleep(0.01)  # not listening yet
+    return statuses
+
+
 async def test_a_checkpoint_that_retention_deleted_is_replayed_from_the_start(
     rabbitmq_url: str, tmp_path: Path
 ) -> None:

@@ -71,6 +71,8 @@ def test_values_are_read_and_converted_from_the_environment() -> None:
         ({"PUBLISH_TIMEOUT_S": "0"}, r"PUBLISH_TIMEOUT_S='0': expected a finite number > 0$"),
         ({"MAX_WAIT_S": "-1"}, r"MAX_WAIT_S='-1': expected a finite number >= 0$"),
         ({"BROKER_NAMESPACE": ""}, r"BROKER_NAMESPACE='': expected a non-empty text$"),
+        ({"STREAM_PREFETCH": "70000"}, r"STREAM_PREFETCH='70000': expected a whole number from 1"),
+        ({"MODEL_CONCURRENCY": "65536"}, r"MODEL_CONCURRENCY='65536': expected .* to 65535$"),
         (
             {"SHUTDOWN_GRACE_S": "inf"},
             r"^invalid setting SHUTDOWN_GRACE_S='inf': expected a finite",

@@ -167,6 +167,11 @@ async def test_a_reopened_store_resumes_after_its_checkpoint(tmp_path: Path) -> 
     store, checkpoint = await _open(tmp_path)
     try:
         assert checkpoint == Position.of(12, b"m12")
+        # Nothing is served until the stream shows it still holds message 12.
+        assert store.get("waits") is None
+        with pytest.raises(StateUnavailable):
+            await store.lookup("done")
+        store.verified()
         assert isinstance(store.get("waits"), Pending)  # pending stubs are loaded
         assert store.get("done") is None  # finished ones stay on disk until asked for
         entry = await store.lookup("done")
