@@ -15,12 +15,17 @@ import fcntl
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from service.settings import ConfigError
 
 LOCK_FILE = "lock"
 DATABASE_FILE = "state.sqlite3"
+TEMPORARY_PREFIX = "prediction-service-state-"
+# A temporary directory not locked yet may be one another replica is
+# creating this instant; past this age, an unlocked one is a leftover.
+UNLOCKED_GRACE_S = 60
 
 
 class StateDir:
@@ -37,7 +42,8 @@ class StateDir:
     def acquire(cls, setting: str) -> StateDir:
         """Create (if needed) and lock the directory; ConfigError in one line if unusable."""
         if not setting:
-            path = Path(tempfile.mkdtemp(prefix="prediction-service-state-"))
+            _remove_abandoned_temporaries()
+            path = Path(tempfile.mkdtemp(prefix=TEMPORARY_PREFIX))
             return cls(path, temporary=True, lock_fd=_lock(path, setting))
         path = Path(setting)
         try:
@@ -56,6 +62,36 @@ class StateDir:
         self._lock_fd = None
         if self.temporary:
             shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _remove_abandoned_temporaries() -> None:
+    """Remove the temporary directories of replicas that died without removing them.
+
+    A replica killed (kill -9, the OOM killer) leaves its directory behind,
+    a copy of the whole stream; restarted in the same container, again and
+    again, those would fill the disk. A directory whose lock nobody holds
+    is nobody's.
+    """
+    for path in Path(tempfile.gettempdir()).glob(f"{TEMPORARY_PREFIX}*"):
+        with contextlib.suppress(OSError):
+            if path.is_dir() and _abandoned(path):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _abandoned(path: Path) -> bool:
+    if time.time() - path.stat().st_mtime < UNLOCKED_GRACE_S:
+        return False  # maybe being created, not locked yet
+    try:
+        fd = os.open(path / LOCK_FILE, os.O_RDWR)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False  # a live replica's
+    finally:
+        os.close(fd)  # and with it the lock just taken, if taken
+    return True
 
 
 def _check_writable(path: Path) -> None:

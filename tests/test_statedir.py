@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 from service.settings import ConfigError
-from service.statedir import StateDir
+from service.statedir import (
+    DATABASE_FILE,
+    LOCK_FILE,
+    TEMPORARY_PREFIX,
+    UNLOCKED_GRACE_S,
+    StateDir,
+)
 
 
 def test_unset_is_a_temporary_directory_removed_on_release() -> None:
@@ -48,3 +57,25 @@ def test_a_read_only_directory_is_refused(tmp_path: Path) -> None:
             StateDir.acquire(str(tmp_path))
     finally:
         tmp_path.chmod(0o700)
+
+
+def test_temporary_directories_of_dead_replicas_are_removed_at_start() -> None:
+    old_s = time.time() - 2 * UNLOCKED_GRACE_S
+    dead = Path(tempfile.mkdtemp(prefix=TEMPORARY_PREFIX))
+    (dead / LOCK_FILE).write_text("12345\n")  # its replica was killed: nobody holds it
+    (dead / DATABASE_FILE).write_bytes(b"x" * 1000)
+    live = StateDir.acquire("")  # a replica still running
+    fresh = Path(tempfile.mkdtemp(prefix=TEMPORARY_PREFIX))  # being created: no lock yet
+    for path in (dead, live.path):
+        os.utime(path, (old_s, old_s))
+    try:
+        started = StateDir.acquire("")
+        try:
+            assert not dead.exists()
+            assert live.path.exists() and fresh.exists()
+        finally:
+            started.release()
+    finally:
+        live.release()
+        shutil.rmtree(fresh, ignore_errors=True)
+        shutil.rmtree(dead, ignore_errors=True)
