@@ -29,6 +29,7 @@ from service.follower import EventFollower
 from service.http import api
 from service.http.docs import SwaggerDocs
 from service.http.errors import EXCEPTION_HANDLERS
+from service.http.hotroutes import HotRoutes
 from service.http.instrument import InstrumentMiddleware
 from service.http.openapi import build_openapi
 from service.http.responses import JsonResponse
@@ -80,7 +81,14 @@ def create_app(settings: Settings | None = None, *, on_fatal: OnFatal | None = N
     app = Starlette(
         routes=routes,
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[Middleware(InstrumentMiddleware, metrics=metrics, route_of=route_of)],
+        middleware=[
+            Middleware(
+                InstrumentMiddleware,
+                metrics=metrics,
+                route_of=route_of,
+                hot_routes=HotRoutes(api.get_prediction, api.predict, EXCEPTION_HANDLERS),
+            )
+        ],
         lifespan=_lifespan(
             settings,
             predictor,

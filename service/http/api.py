@@ -68,10 +68,10 @@ class plain_asgi:
     """
 
     def __init__(self, handler: Callable[[Scope], Awaitable[Response]]) -> None:
-        self._handler = handler
+        self.handler = handler
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = await self._handler(scope)
+        response = await self.handler(scope)
         await response(scope, receive, send)
 
 

@@ -11,12 +11,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import logs
 from service.http.responses import STATUS_KEY
 from service.metrics import Metrics
+
+if TYPE_CHECKING:
+    from service.http.hotroutes import HotRoutes
 
 access_log = logging.getLogger("service.access")
 
@@ -28,19 +32,27 @@ QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 
 class InstrumentMiddleware:
     def __init__(
-        self, app: ASGIApp, metrics: Metrics, route_of: Mapping[Callable[..., object], str]
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        route_of: Mapping[Callable[..., object], str],
+        hot_routes: HotRoutes | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.route_of = route_of
+        self.hot_routes = hot_routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started_s = time.perf_counter()
+        app = self.app
+        if self.hot_routes is not None:
+            app = self.hot_routes.match(scope) or app  # past the router (http.hotroutes)
         try:
-            await self.app(scope, receive, send)
+            await app(scope, receive, send)
         finally:
             elapsed_s = time.perf_counter() - started_s
             # Every response of the app notes its status in the scope
