@@ -445,3 +445,17 @@ async def test_a_malformed_request_still_gets_a_json_400(tight: LiveApp) -> None
         response = await conn.response()
     assert response.status == 400
     assert response.json() == {"error": "Invalid HTTP request received."}
+
+
+async def test_refusals_the_app_never_sees_are_counted(tight: LiveApp) -> None:
+    series = 'http_requests_total{{method="{method}",route="unmatched",status="{status}"}}'
+    too_large = series.format(method="GET", status=431)
+    too_slow = series.format(method="-", status=408)
+    before = (await metric(tight.client, too_large), await metric(tight.client, too_slow))
+    async with connect(tight) as conn:
+        await conn.send(head_of(HEAD_LIMIT + 1))
+        assert (await conn.response()).status == 431
+    async with connect(tight) as conn:  # sends nothing
+        assert (await conn.response()).status == 408
+    after = (await metric(tight.client, too_large), await metric(tight.client, too_slow))
+    assert after == (before[0] + 1, before[1] + 1)

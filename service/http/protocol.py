@@ -71,6 +71,8 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         super().__init__(config, server_state, app_state, _loop)
         services: Services | None = app_state.get("services")
         settings = services.settings if services is not None else _DEFAULT_SETTINGS
+        # Refusals the app never sees are counted here, in http_requests_total.
+        self._http_metrics = services.metrics.http if services is not None else None
         self._max_header_bytes = settings.max_header_bytes
         self._max_headers = settings.max_headers
         self._header_timeout_s = settings.header_timeout_s
@@ -256,12 +258,21 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         """Answer for the request being read, which the app never sees, then close."""
         if self._refused or self.transport.is_closing():
             return
+        if self._http_metrics is not None:
+            self._http_metrics.record(self._method(), "unmatched", status, 0.0)
         self._drop_input()
         cycle = self.cycle
         if self._answering():
             self._answer_after(cycle, status, message)
         else:
             self._answer_and_close(status, message)
+
+    def _method(self) -> str:
+        # Known once the URL has begun (uvicorn collects it in `url`); before,
+        # httptools reports its first method, DELETE.
+        if not getattr(self, "url", b""):
+            return "-"
+        return str(self.parser.get_method().decode("ascii"))
 
     def _answering(self) -> bool:
         """Whether a response is still owed; pipelined, the last request's is written last."""
