@@ -16,7 +16,7 @@ from service.http.api import plain_asgi
 from service.http.errors import EXCEPTION_HANDLERS, ApiError
 from service.http.hotroutes import HotRoutes
 from service.http.responses import JsonResponse
-from tests.support import LiveApp
+from tests.support import LiveApp, submit_async, wait_finished
 
 Sent = list[MutableMapping[str, Any]]
 
@@ -56,6 +56,9 @@ async def test_only_the_two_routes_are_taken_past_the_router() -> None:
     for method, path in (("HEAD", "/predict/x"), ("GET", "/predict"), ("POST", "/predict/x")):
         assert routes.match(_scope(method, path)) is None, (method, path)
     assert routes.match(_scope("GET", "/predict/x", root_path="/api")) is None
+    # The router's `.*$` stops at a newline: those stay its own, as HEAD's are.
+    assert routes.match(_scope("GET", "/predict/x\n")) is None
+    assert routes.match(_scope("GET", "/predict/a\nb")) is None
     scope = _scope("GET", "/predict/a/b")
     sent = await _served(routes, scope)
     assert sent[1]["body"] == b'{"id":"a/b"}'  # any string, slashes included, as `:path`
@@ -76,6 +79,18 @@ async def test_their_errors_get_the_apps_answers_and_the_unexpected_go_up() -> N
 
     with pytest.raises(RuntimeError):  # to ServerErrorMiddleware, which answers a JSON 500
         await _served(_routes(plain_asgi(broken)), _scope("GET", "/predict/x"))
+
+
+async def test_get_and_head_agree_on_a_path_with_a_newline(live: LiveApp) -> None:
+    prediction_id = await submit_async(live.client, "x")
+    await wait_finished(live.client, prediction_id)
+    for path in (f"/predict/{prediction_id}%0A", "/predict/a%0Ab"):
+        got = await live.client.get(path)
+        head = await live.client.head(path)
+        assert (got.status_code, len(got.content)) == (
+            head.status_code,
+            int(head.headers["content-length"]),
+        ), path
 
 
 async def test_an_unexpected_error_on_a_hot_route_is_a_logged_json_500(
