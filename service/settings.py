@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import typing
 from collections.abc import Mapping
 from typing import Annotated, Literal
 
@@ -126,10 +127,12 @@ def _explain(message: str, given: Mapping[str, str]) -> str:
     return f"invalid setting {name}={given.get(name, '')!r}: expected {allowed}"
 
 
-def _allowed(kind: msgspec.inspect.Type) -> str:
+def _allowed(kind: msgspec.inspect.Type, name: str) -> str:
     """What a setting of this type accepts, in an operator's words."""
     if isinstance(kind, msgspec.inspect.LiteralType):
-        return "one of " + ", ".join(map(str, kind.values)) + " (in any case)"
+        # As declared (msgspec sorts them): DEBUG, INFO, WARNING, ERROR.
+        values = typing.get_args(typing.get_type_hints(Settings)[name])
+        return "one of " + ", ".join(map(str, values)) + " (in any case)"
     if isinstance(kind, msgspec.inspect.IntType):
         return "a whole number" + _bounds(kind.ge, kind.le, kind.gt, kind.lt)
     if isinstance(kind, msgspec.inspect.FloatType):
@@ -149,10 +152,7 @@ def _bounds(ge: float | None, le: float | None, gt: float | None, lt: float | No
 def _allowed_by_setting() -> dict[str, str]:
     info = msgspec.inspect.type_info(Settings)
     assert isinstance(info, msgspec.inspect.StructType)
-    allowed = {field.encode_name: _allowed(field.type) for field in info.fields}
-    # In the order the README gives them, not msgspec's sorted one.
-    allowed["LOG_LEVEL"] = "one of DEBUG, INFO, WARNING, ERROR (in any case)"
-    return allowed
+    return {field.encode_name: _allowed(field.type, field.name) for field in info.fields}
 
 
 _ALLOWED = _allowed_by_setting()

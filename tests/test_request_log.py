@@ -19,8 +19,10 @@ from pathlib import Path
 
 import anyio
 import httpx
+import pytest
 
 from bench.httpclient import Connection, encode_request
+from service import logs
 from service.settings import Settings
 from tests.support import (
     REPO,
@@ -161,13 +163,17 @@ async def test_a_forged_line_in_the_path_stays_inside_its_own_line(rabbitmq_url:
     assert "\x1b" not in log and "\x00" not in log
 
 
-def _start_with_stderr_pipe(settings: Settings) -> subprocess.Popen[bytes]:
+def _start_with_stderr_pipe(
+    settings: Settings, stderr: int = subprocess.PIPE, close_stderr: bool = False
+) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "service"],
         env=settings_env(settings),
         cwd=REPO,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=stderr,
+        # As `2>&-`: no stderr at all.
+        preexec_fn=(lambda: os.close(2)) if close_stderr else None,  # noqa: PLW1509
     )
 
 
@@ -226,14 +232,7 @@ async def _read_until(process: subprocess.Popen[bytes], done: Callable[[str], bo
 
 async def test_a_service_started_with_stderr_closed_serves(rabbitmq_url: str) -> None:
     settings = settings_for_test(rabbitmq_url)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service"],
-        env=settings_env(settings),
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        preexec_fn=lambda: os.close(2),  # as `2>&-`: no stderr at all  # noqa: PLW1509
-    )
+    process = _start_with_stderr_pipe(settings, subprocess.DEVNULL, close_stderr=True)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.port}") as client:
             await wait_ready_at(client, timeout_s=30)
@@ -283,3 +282,26 @@ def test_a_direct_write_to_stderr_keeps_its_place_among_the_lines(tmp_path: Path
         subprocess.run([sys.executable, "-c", script], cwd=REPO, stderr=log, check=True)
     lines = log_path.read_text().splitlines()
     assert [line.rsplit(" ", 1)[-1] for line in lines] == ["first", "between", "last"]
+
+
+def test_lines_past_the_waiting_limit_are_dropped_and_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A stderr that does not drain must not hold lines without bound.
+    monkeypatch.setattr(logs, "MAX_WAITING_LINES", 10)
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    writer = logs.LineWriter(write_end)
+    try:
+        for n in range(1000):  # in microseconds: the writer wakes every 100 ms
+            writer.write(f"line {n}")
+    finally:
+        writer.close()
+    text = os.read(read_end, 1 << 16).decode()
+    os.close(read_end)
+    os.close(write_end)
+    lines = text.splitlines()
+    dropped = int(lines[-1].split()[1]) if lines[-1].startswith("[log:") else 0
+    assert lines[-1] == f"[log: {dropped} lines dropped: the output did not keep up]"
+    assert len(lines) - 1 + dropped == 1000  # every line written or counted
+    assert dropped >= 1000 - 10 * 10  # far more than a few drains could have kept

@@ -59,7 +59,7 @@ def test_values_are_read_and_converted_from_the_environment() -> None:
             r"^invalid setting LOG_LEVEL='verbose': "
             r"expected one of DEBUG, INFO, WARNING, ERROR \(in any case\)$",
         ),
-        ({"LOG_FORMAT": " XML"}, r"^invalid setting LOG_FORMAT=' XML': expected one of json, text"),
+        ({"LOG_FORMAT": " XML"}, r"^invalid setting LOG_FORMAT=' XML': expected one of text, json"),
         (
             {"PORT": "eighty"},
             r"^invalid setting PORT='eighty': expected a whole number from 0 to 65535$",
