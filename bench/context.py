@@ -24,6 +24,11 @@ class Sizes:
     capacity_connections: int = 200  # carrying the async POSTs; each sync one has its own
     capacity_delay_min_s: float = 10  # the brief's model
     capacity_delay_max_s: float = 17
+    # 4b: a burst deeper than the model slots (the worker issue's churn case).
+    burst_async: int = 2_000
+    burst_concurrency: int = 100  # the default MODEL_CONCURRENCY
+    burst_delay_min_s: float = 1
+    burst_delay_max_s: float = 2
     memory_count: int = 100_000
     memory_warmup: int = 2_000  # filled before the first reading, so buffers are warm
     warmup_s: float = 2
@@ -43,6 +48,10 @@ QUICK = Sizes(
     capacity_connections=8,
     capacity_delay_min_s=0.05,
     capacity_delay_max_s=0.2,
+    burst_async=60,
+    burst_concurrency=10,
+    burst_delay_min_s=0.05,
+    burst_delay_max_s=0.1,
     memory_count=600,
     memory_warmup=100,
     warmup_s=1,

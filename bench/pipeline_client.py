@@ -34,6 +34,7 @@ COMPLETED = 'predictions_completed_total{mode="async"}'
 FAILED = 'predictions_failed_total{mode="async"}'
 PENDING = "task_queue_depth"
 MODEL_SECONDS = "model_latency_seconds_sum"
+PUT_BACK = "tasks_put_back_total{"
 MODEL_CALLS = "model_latency_seconds_count"
 ASYNC_HEADERS = {"Content-Type": "application/json", "Async-Mode": "true"}
 SYNC_HEADERS = {"Content-Type": "application/json"}
@@ -62,6 +63,7 @@ class CapacityResult(msgspec.Struct):
     model_calls: int
     failed: int
     verified: Statuses
+    put_back: int = 0  # tasks a worker handed back to the work queue, every reason
 
 
 def body_of(index: int) -> bytes:
@@ -198,7 +200,12 @@ async def capacity(
         model_calls=int(after.get(MODEL_CALLS, 0) - before.get(MODEL_CALLS, 0)),
         failed=int(after.get(FAILED, 0) - before.get(FAILED, 0)),
         verified=await verify(port, ids, connections),
+        put_back=int(_put_back(after) - _put_back(before)),
     )
+
+
+def _put_back(series: dict[str, float]) -> float:
+    return sum(value for name, value in series.items() if name.startswith(PUT_BACK))
 
 
 async def _accept_all(

@@ -23,7 +23,14 @@ HTTP_KEYS = {"get", "get_cpu", "post", "post_cpu"}
 PIPELINE_KEYS = {"pipeline", "pipeline_durable", "batching_gain", "durability_cost"}
 STATE_KEYS = {"restart_200", "replay_200", "restart_1k", "replay_1k", "rss", "cold_get_p50"}
 STATE_KEYS |= {"cold_get_p99"}
-QUICK = {"pipeline": 60, "capacity_async": 40, "capacity_sync": 10, "memory": 600}
+QUICK = {
+    "pipeline": 60,
+    "capacity_async": 40,
+    "capacity_sync": 10,
+    "burst_async": 60,
+    "memory": 600,
+}
+CAPACITY_KEYS = {"capacity", "capacity_put_back", "burst"}
 
 
 def run_bench(rabbitmq_url: str, out_dir: Path, *args: str) -> dict[str, Any]:
@@ -52,13 +59,18 @@ def bench_queues(rabbitmq_url: str) -> list[str]:
 def test_quick_run_measures_every_figure(rabbitmq_url: str, tmp_path: Path) -> None:
     document = run_bench(rabbitmq_url, tmp_path, "--loadgen", "python")
     rows = rows_by_key(document)
-    assert set(rows) == HTTP_KEYS | PIPELINE_KEYS | STATE_KEYS | {"capacity", "memory"}
+    assert set(rows) == HTTP_KEYS | PIPELINE_KEYS | STATE_KEYS | CAPACITY_KEYS | {"memory"}
     for row in rows.values():
         assert len(row["ratios"]) == len(row["values"]) >= 1
-        assert all(ratio > 0 for ratio in row["ratios"]), row["key"]
+        # Put-backs may well be none at all.
+        assert all(
+            ratio >= 0 if row["key"] == "capacity_put_back" else ratio > 0
+            for ratio in row["ratios"]
+        ), row["key"]
     assert_http_answered(rows, tool="python")
     assert_pipeline_answered(rows["pipeline"]["details"])
     assert_capacity_answered(rows["capacity"]["details"])
+    assert_burst_answered(rows["burst"]["details"])
     assert_memory_filled(rows["memory"]["details"])
     assert_state_measured(rows)
     assert bench_queues(rabbitmq_url) == []
@@ -99,6 +111,13 @@ def assert_pipeline_answered(details: dict[str, Any]) -> None:
     # Tasks and outcomes were published, each message carrying at least one.
     assert set(details["events_per_message"]) == {"task", "event"}
     assert all(ratio >= 1 for ratio in details["events_per_message"].values())
+
+
+def assert_burst_answered(details: dict[str, Any]) -> None:
+    assert details["async_statuses"] == {"202": QUICK["burst_async"]}
+    assert details["verified"] == {"200": QUICK["burst_async"]}
+    assert details["model_calls"] == QUICK["burst_async"]
+    assert details["put_back_per_task"] >= 0
 
 
 def assert_capacity_answered(details: dict[str, Any]) -> None:
