@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
+from collections.abc import Iterable
 
 import anyio
 import httpx
@@ -21,6 +23,7 @@ from tests.support import (
     close_service_connections,
     dead_letters,
     free_port,
+    metric,
     rabbitmqctl,
     settings_for_test,
     submit_async,
@@ -33,6 +36,14 @@ async def _submit_many(base_url: str, count: int) -> dict[str, str]:
         inputs = [f"task-{i}" for i in range(count)]
         ids = await asyncio.gather(*(submit_async(client, text) for text in inputs))
     return dict(zip(ids, inputs, strict=True))
+
+
+async def _wait_running(base_url: str, timeout_s: float = 10) -> None:
+    """Return once the model runs a prediction (the /metrics gauge says so)."""
+    async with httpx.AsyncClient(base_url=base_url) as client:
+        with anyio.fail_after(timeout_s):
+            while await metric(client, "predictions_in_flight") < 1:
+                await asyncio.sleep(0.02)
 
 
 async def _assert_all_done(base_url: str, expected: dict[str, str], timeout_s: float = 40) -> None:
@@ -101,7 +112,7 @@ async def test_sigterm_with_predictions_in_flight_loses_nothing(
     service = ServiceProcess(settings)
     await service.start()
     accepted = await _submit_many(service.base_url, 50)
-    await asyncio.sleep(0.3)
+    await _wait_running(service.base_url)
     service.signal(signal.SIGTERM)
     with anyio.fail_after(grace_s + 2):  # the grace period, not the model, bounds the stop
         assert await service.wait_exit() == -signal.SIGTERM
@@ -119,7 +130,7 @@ async def test_dropped_broker_connection_loses_nothing(rabbitmq_url: str) -> Non
     await service.start()
     try:
         accepted = await _submit_many(service.base_url, 100)
-        await asyncio.sleep(0.2)
+        await _wait_running(service.base_url)  # the connection drops under running tasks
         assert close_service_connections(settings) == 1
         async with httpx.AsyncClient(base_url=service.base_url, timeout=10) as client:
             # Sync predictions do not need the broker and keep working.
@@ -141,21 +152,37 @@ async def test_dropped_broker_connection_loses_nothing(rabbitmq_url: str) -> Non
         await service.stop()
 
 
+async def _statuses(client: httpx.AsyncClient, prediction_ids: Iterable[str]) -> list[int]:
+    return [(await client.get(f"/predict/{i}")).status_code for i in prediction_ids]
+
+
 async def test_results_survive_a_full_restart_until_the_ttl(rabbitmq_url: str) -> None:
     settings = settings_for_test(rabbitmq_url, result_ttl_s=4)
     service = ServiceProcess(settings)
     await service.start()
+    # Results expire RESULT_TTL_S after their last change: their outcome,
+    # written between these two instants (the service's clock is time.time too).
+    submitted_s = time.time()
     accepted = await _submit_many(service.base_url, 5)
     await _assert_all_done(service.base_url, accepted)
+    done_s = time.time()
     await service.stop()
     await service.start()
     try:
         async with httpx.AsyncClient(base_url=service.base_url) as client:
             for prediction_id in accepted:
                 assert (await client.get(f"/predict/{prediction_id}")).status_code == 200
-            await asyncio.sleep(4.5)
-            for prediction_id in accepted:
-                assert (await client.get(f"/predict/{prediction_id}")).status_code == 404
+            kept_until_s = submitted_s + settings.result_ttl_s  # none is gone before
+            gone_by_s = done_s + settings.result_ttl_s  # all are gone after
+            with anyio.fail_after(max(gone_by_s - time.time(), 0) + 2):
+                while True:
+                    statuses = await _statuses(client, accepted)
+                    assert set(statuses) <= {200, 404}, statuses
+                    if 404 in statuses:
+                        assert time.time() >= kept_until_s, "a result expired before its TTL"
+                    if statuses == [404] * len(accepted):
+                        break
+                    await asyncio.sleep(0.1)
     finally:
         await service.stop()
     await service.start()
@@ -212,11 +239,14 @@ async def test_sigterm_stops_taking_tasks_before_http_requests_drain(rabbitmq_ur
     async with httpx.AsyncClient(base_url=service.base_url, timeout=10) as client:
         # A 3 s sync prediction keeps uvicorn draining connections after SIGTERM.
         sync = asyncio.create_task(client.post("/predict", json={"input": "3"}))
-        await asyncio.sleep(0.5)
+        await _wait_running(service.base_url)
         service.signal(signal.SIGTERM)
-        await asyncio.sleep(0.5)
+        with anyio.fail_after(2.5):  # the task consumer goes well before the 3 s prediction
+            while await anyio.to_thread.run_sync(_task_consumers, settings) != 0:
+                await asyncio.sleep(0.05)
+        # ... and the HTTP request has not drained yet.
+        assert not sync.done()
         assert service.process is not None and service.process.poll() is None
-        assert _task_consumers(settings) == 0
         response = await sync
     assert response.json() == {"input": "3", "result": "3"}
     assert await service.wait_exit() == -signal.SIGTERM
@@ -232,7 +262,8 @@ async def test_a_sync_prediction_cut_off_by_the_grace_period_answers_json_503(
     await service.start()
     async with httpx.AsyncClient(base_url=service.base_url, timeout=10) as client:
         sync = asyncio.create_task(client.post("/predict", json={"input": "30"}))
-        await asyncio.sleep(0.5)
+        await _wait_running(service.base_url)
+        assert not sync.done()
         service.signal(signal.SIGTERM)
         with anyio.fail_after(5):  # the grace period, not the 30 s model
             response = await sync

@@ -18,6 +18,7 @@ from tests.support import (
     close_service_connections,
     free_port,
     live_app,
+    metric,
     settings_for_test,
     submit_async,
     wait_finished,
@@ -180,7 +181,10 @@ async def test_metrics_show_predictions_in_flight_and_queued(rabbitmq_url: str) 
     async with live_app(settings) as live:
         for i in range(5):
             await submit_async(live.client, f"q{i}")
-        await asyncio.sleep(0.3)
+        # The model takes its two, well before the first 2 s prediction ends.
+        with anyio.fail_after(1.5):
+            while await metric(live.client, "predictions_in_flight") < 2:
+                await asyncio.sleep(0.02)
         text = (await live.client.get("/metrics")).text
     assert "predictions_in_flight 2.0" in text
     assert "task_queue_depth 5.0" in text
