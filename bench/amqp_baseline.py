@@ -34,7 +34,8 @@ import msgspec
 import uvloop
 
 from service.broker import EVENT_KEY, TASK_KEY, Broker
-from service.schemas import Accepted, Done, json_encoder, message_decoder
+from service.metrics import Metrics
+from service.schemas import Accepted, Done, envelope_decoder, json_encoder
 from service.settings import Settings
 
 MessageT = aio_pika.abc.AbstractIncomingMessage
@@ -99,7 +100,7 @@ async def run_simple(url: str, queue_name: str, count: int, concurrency: int) ->
 
 
 async def run_durable(url: str, namespace: str, count: int, concurrency: int) -> float:
-    broker = Broker(Settings(rabbitmq_url=url, broker_namespace=namespace))
+    broker = Broker(Settings(rabbitmq_url=url, broker_namespace=namespace), Metrics())
     await broker.connect()
     try:
         return await _durable_traffic(broker, count, concurrency)
@@ -118,7 +119,7 @@ async def _durable_traffic(broker: Broker, count: int, concurrency: int) -> floa
         await message.ack()
 
     async def on_event(message: MessageT) -> None:
-        if isinstance(message_decoder.decode(message.body), Done):
+        if isinstance(envelope_decoder.decode(message.body), Done):
             outcomes.tick()
         if next(unacked) % STREAM_ACK_BATCH == 0 or outcomes.finished.is_set():
             await message.ack(multiple=True)

@@ -25,6 +25,7 @@ import uuid
 from dataclasses import dataclass
 
 from service.broker import EVENT_KEY, Broker
+from service.metrics import Metrics
 from service.schemas import Accepted, Done, Event, batched
 from service.settings import Settings
 
@@ -43,7 +44,7 @@ async def fill(
 ) -> Filled:
     """The predictions' ids, in the order they were accepted, and the messages sent."""
     settings = Settings(rabbitmq_url=rabbitmq_url, broker_namespace=namespace)
-    broker = Broker(settings)
+    broker = Broker(settings, Metrics())
     await broker.connect()
     try:
         slots = asyncio.Semaphore(IN_FLIGHT)

@@ -18,6 +18,7 @@ import uvicorn
 
 from service.app import create_app
 from service.http.protocol import UVICORN_OPTIONS
+from service.lifecycle import BrokerSide
 from service.logs import close_logging, configure_logging
 from service.settings import ConfigError, Settings
 
@@ -59,9 +60,11 @@ def _reason(record: logging.LogRecord) -> str:
 class Server(uvicorn.Server):
     """uvicorn's server, which also tells the app the moment a signal arrives."""
 
-    def __init__(self, config: uvicorn.Config, stopping: asyncio.Event) -> None:
+    def __init__(self, config: uvicorn.Config, broker_side: BrokerSide, grace_s: float) -> None:
         super().__init__(config)
-        self._stopping = stopping
+        self._broker_side = broker_side
+        self._grace_s = grace_s
+        broker_side.on_fatal = self.fail
         self.fatal_error: str | None = None
         self.uvicorn_errors = UvicornErrors()
         logging.getLogger("uvicorn.error").addFilter(self.uvicorn_errors)
@@ -80,7 +83,7 @@ class Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
         # Runs in the loop's thread, between two steps of the loop.
-        asyncio.get_running_loop().call_soon_threadsafe(self._stopping.set)
+        asyncio.get_running_loop().call_soon_threadsafe(self._broker_side.begin_stop, self._grace_s)
 
     def fail(self, message: str) -> None:
         """Stop serving because the service cannot work (the broker never came up)."""
@@ -122,8 +125,7 @@ def _serve() -> None:
 
 def _build_server(settings: Settings) -> Server:
     _check_host(settings.host, settings.port)
-    holder: list[Server] = []
-    app = create_app(settings, on_fatal=lambda message: holder[0].fail(message))  # noqa: PLW0108 - holder is filled below
+    app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -137,8 +139,7 @@ def _build_server(settings: Settings) -> Server:
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
         backlog=4096,
     )
-    holder.append(Server(config, app.state.stopping))
-    return holder[0]
+    return Server(config, app.state.broker_side, settings.shutdown_grace_s)
 
 
 def _return_freed_memory() -> None:

@@ -9,22 +9,20 @@ predictions and /healthz work while the broker is still coming up, and
 
 from __future__ import annotations
 
-import asyncio
 import importlib.metadata
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
-import anyio
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from service.broker import Broker, BrokerAddress, BrokerUnavailable
-from service.consumer import TaskConsumer
-from service.disk import Identity
+from service.broker import Broker, BrokerAddress
+from service.consumer import TaskWorker
+from service.decision import Policy
 from service.follower import EventFollower
 from service.http import api
 from service.http.docs import SwaggerDocs
@@ -34,6 +32,7 @@ from service.http.instrument import InstrumentMiddleware
 from service.http.openapi import build_openapi
 from service.http.responses import JsonResponse
 from service.journal import Journal
+from service.lifecycle import BrokerSide, OnFatal
 from service.metrics import Metrics
 from service.model import ModelRunner, Predictor, load_predictor
 from service.schemas import json_encoder
@@ -44,7 +43,6 @@ from service.store import ResultStore
 
 log = logging.getLogger(__name__)
 
-OnFatal = Callable[[str], None]
 Lifespan = Callable[[Starlette], AbstractAsyncContextManager[dict[str, Services]]]
 
 
@@ -77,7 +75,8 @@ def create_app(settings: Settings | None = None, *, on_fatal: OnFatal | None = N
     ]
     # Metrics label requests by route template as documented: /predict/{prediction_id}.
     route_of = {route.endpoint: route.path_format for route in routes}
-    stopping = asyncio.Event()
+    services = _build_services(settings, predictor, metrics, state_dir)
+    broker_side = BrokerSide(services, on_fatal) if on_fatal else BrokerSide(services)
     app = Starlette(
         routes=routes,
         exception_handlers=EXCEPTION_HANDLERS,
@@ -89,52 +88,26 @@ def create_app(settings: Settings | None = None, *, on_fatal: OnFatal | None = N
                 hot_routes=HotRoutes(api.get_prediction, api.predict, EXCEPTION_HANDLERS),
             )
         ],
-        lifespan=_lifespan(
-            settings,
-            predictor,
-            metrics,
-            state_dir,
-            stopping=stopping,
-            on_fatal=on_fatal or _log_fatal,
-        ),
+        lifespan=_lifespan(services, broker_side),
     )
     # `/healthz/` answers the JSON 404 of any unknown path: Starlette's slash
     # redirect would be a 307 with an empty body, and every body is JSON.
     app.router.redirect_slashes = False
-    # Set by `python -m service` on SIGTERM, before uvicorn drains connections,
-    # so the consumer stops taking tasks at once.
-    app.state.stopping = stopping
+    # `python -m service` begins its stop on SIGTERM, before uvicorn drains
+    # connections, so the worker stops taking tasks at once.
+    app.state.broker_side = broker_side
     return app
 
 
-def _lifespan(
-    settings: Settings,
-    predictor: Predictor,
-    metrics: Metrics,
-    state_dir: StateDir,
-    *,
-    stopping: asyncio.Event,
-    on_fatal: OnFatal,
-) -> Lifespan:
+def _lifespan(services: Services, broker_side: BrokerSide) -> Lifespan:
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[dict[str, Services]]:
-        log.info("%s", startup_line(settings))
-        stopping.clear()
-        services = _build_services(settings, predictor, metrics, state_dir)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_run_broker_side, services, stopping, on_fatal)
-            tg.start_soon(_release_waiters_when, stopping, services.store)
-            try:
-                yield {"services": services}
-            finally:
-                stopping.set()
-                await services.consumer.wait_drained()
-                tg.cancel_scope.cancel()
+        log.info("%s", startup_line(services.settings))
+        broker_side.start()
         try:
-            await services.store.close()
+            yield {"services": services}
         finally:
-            await services.broker.close()
-            state_dir.release()
+            await broker_side.stop(services.settings.shutdown_grace_s)
 
     return lifespan
 
@@ -150,56 +123,13 @@ def _build_services(
         long_polls=lambda: store.waiting,
     )
     metrics.track_results(store)
-    broker = Broker(settings)
-    journal = Journal(store, broker, metrics)
-    consumer = TaskConsumer(
-        broker,
-        journal,
-        runner,
-        metrics,
-        max_attempts=settings.max_attempts,
-        shutdown_grace_s=settings.shutdown_grace_s,
-    )
+    broker = Broker(settings, metrics)
+    journal = Journal(store, broker)
+    policy = Policy(settings.max_attempts, settings.retry_backoff_s)
+    worker = TaskWorker(broker, journal, runner, metrics, policy)
     follower = EventFollower(broker, store)
     metrics.track_stream(follower)
-    return Services(
-        settings, store, runner, broker, journal, follower, consumer, metrics, state_dir
-    )
-
-
-async def _run_broker_side(services: Services, stopping: asyncio.Event, on_fatal: OnFatal) -> None:
-    """Open the local state, connect, catch up with the stream, then consume tasks.
-
-    Any failure here is fatal for the process: a replica that serves HTTP
-    without its worker would only look alive. The orchestrator restarts it.
-    """
-    try:
-        settings = services.settings
-        identity = Identity(settings.broker_namespace, services.broker.address.vhost)
-        checkpoint = await services.store.open(services.state_dir.database, identity)
-        services.follower.resume_after(checkpoint)
-        await services.broker.connect()
-        await _follow_and_consume(services, stopping)
-    except BrokerUnavailable as exc:
-        on_fatal(str(exc))
-    except Exception as exc:
-        log.exception("the broker side stopped unexpectedly")
-        on_fatal(f"the broker side stopped unexpectedly: {exc!r}")
-
-
-async def _follow_and_consume(services: Services, stopping: asyncio.Event) -> None:
-    async with anyio.create_task_group() as followers:
-        # The consumer waits for the replay: a redelivered task must see
-        # any outcome already recorded for it, or it would run twice.
-        await followers.start(services.follower.run)
-        async with anyio.create_task_group() as consumers:
-            await consumers.start(services.consumer.run, stopping)
-        followers.cancel_scope.cancel()
-
-
-async def _release_waiters_when(stopping: asyncio.Event, store: ResultStore) -> None:
-    await stopping.wait()
-    store.release_waiters()
+    return Services(settings, store, runner, broker, journal, follower, worker, metrics, state_dir)
 
 
 def startup_line(settings: Settings) -> str:
@@ -245,7 +175,3 @@ def _version() -> str:
         return importlib.metadata.version("prediction-service")
     except importlib.metadata.PackageNotFoundError:
         return "0.0.0"
-
-
-def _log_fatal(message: str) -> None:
-    log.critical("%s", message)

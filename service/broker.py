@@ -8,6 +8,10 @@ all inside the vhost that RABBITMQ_URL names:
                                '--"task", "event"--> predictions.events (stream)
     worker outcome --"event"--> [predictions] --> predictions.events
     worker puts a task back --"retry"--> [predictions] --> predictions.tasks
+    worker retries a failed task --"delay.N"--> [predictions] --> predictions.retry.N
+                               (quorum; each message expires after its backoff,
+                               then goes --"retry"--> predictions.tasks)
+    worker gives a task up --"dead"--> [predictions] --> predictions.dead
     predictions.tasks --dead letters--> [predictions.dead] fanout
                                |--> predictions.dead    (quorum, for operators)
                                '--> predictions.events  (so replicas see the failure)
@@ -28,6 +32,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +47,9 @@ from aio_pika.connection import make_url
 from pamqp import commands as spec
 from yarl import URL
 
-from service.schemas import Message, json_encoder
+from service.decision import DELAY_LEVELS
+from service.metrics import Metrics
+from service.schemas import Envelope, event_count, json_encoder
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -50,6 +57,10 @@ log = logging.getLogger(__name__)
 TASK_KEY = "task"  # routes to the work queue and the stream
 EVENT_KEY = "event"  # routes to the stream only
 RETRY_KEY = "retry"  # routes to the work queue only: tasks a worker puts back
+DEAD_KEY = "dead"  # routes to the dead-letter queue only: tasks a worker gave up
+# A failed task waits out its backoff in the delay queue of its level
+# (service/decision.py): one queue per level, so that every message in one
+# has about the same delay, since a queue expires messages only at its head.
 # Retention deletes whole stream segments; small ones keep replay short.
 STREAM_SEGMENT_BYTES = 8 * 1024 * 1024
 CONNECT_BACKOFF_MAX_S = 5.0
@@ -116,9 +127,14 @@ class Names:
     def for_namespace(cls, namespace: str) -> Names:
         return cls(namespace, f"{namespace}.tasks", f"{namespace}.events", f"{namespace}.dead")
 
+    def delay(self, level: int) -> str:
+        """The delay queue of retries after `level` failed attempts."""
+        return f"{self.exchange}.retry.{level}"
+
     async def delete(self, channel: aio_pika.abc.AbstractChannel) -> None:
         """Remove every queue and exchange of this namespace (tests and benchmarks clean up)."""
-        for queue in (self.tasks, self.events, self.dead):
+        delays = [self.delay(level) for level in range(1, DELAY_LEVELS + 1)]
+        for queue in (self.tasks, self.events, self.dead, *delays):
             await channel.queue_delete(queue)
         for exchange in (self.exchange, self.dead):
             await channel.exchange_delete(exchange)
@@ -270,9 +286,10 @@ class Broker:
     hence two channels rather than one.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
         # No I/O here: `connect()` does it, from the lifespan's background task.
         self.settings = settings
+        self._metrics = metrics
         self.names = Names.for_namespace(settings.broker_namespace)
         self.address = BrokerAddress.parse(settings.rabbitmq_url)
         # Why reconnecting failed, each said once per outage (aio-pika retries every
@@ -281,6 +298,8 @@ class Broker:
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._up = asyncio.Event()
         self._down = asyncio.Event()
+        # Run once the connection is back (its channels and consumers restored).
+        self.on_reconnected: list[Callable[[], None]] = []
         self.tasks_channel: aio_pika.abc.AbstractRobustChannel
         self.events_channel: aio_pika.abc.AbstractRobustChannel
         self.exchange: aio_pika.abc.AbstractExchange
@@ -318,14 +337,17 @@ class Broker:
     async def wait_down(self) -> None:
         await self._down.wait()
 
-    async def publish(self, event: Message, routing_key: str) -> None:
-        """Publish persistently and wait for the broker's confirm."""
+    async def publish(
+        self, envelope: Envelope, routing_key: str, *, expires_after_s: float | None = None
+    ) -> None:
+        """Publish persistently, wait for the broker's confirm, and count it."""
         if not self.is_up:
             raise BrokerUnavailable("not connected to the broker")
         message = aio_pika.Message(
-            json_encoder.encode(event),
+            json_encoder.encode(envelope),
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             content_type="application/json",
+            expiration=expires_after_s,
         )
         try:
             # aiormq bounds the confirm wait itself; an anyio.fail_after
@@ -337,6 +359,9 @@ class Broker:
             raise BrokerUnavailable("the broker did not confirm in time") from None
         except aio_pika.exceptions.CONNECTION_EXCEPTIONS as exc:
             raise BrokerUnavailable(f"the broker refused the message: {exc!r}") from None
+        label = _metric_label(routing_key)
+        self._metrics.messages_published.labels(label).inc()
+        self._metrics.events_published.labels(label).inc(event_count(envelope))
 
     async def close(self) -> None:
         self._up.clear()
@@ -370,6 +395,12 @@ class Broker:
         )
         for key in (TASK_KEY, RETRY_KEY):
             await self.tasks_queue.bind(self.exchange, key)
+        await dead_queue.bind(self.exchange, DEAD_KEY)
+        for level in range(1, delay_levels(settings.max_attempts) + 1):
+            delay_queue = await channel.declare_queue(
+                names.delay(level), durable=True, arguments=_delay_queue_arguments(names)
+            )
+            await delay_queue.bind(self.exchange, delay_key(level))
         self.events_queue = await self.events_channel.declare_queue(
             names.events, durable=True, arguments=_stream_arguments(settings)
         )
@@ -407,6 +438,8 @@ class Broker:
         self._failures_logged.clear()
         self._down.clear()
         self._up.set()
+        for callback in self.on_reconnected:
+            callback()
 
 
 def _work_queue_arguments(names: Names, settings: Settings) -> dict[str, Any]:
@@ -421,6 +454,32 @@ def _work_queue_arguments(names: Names, settings: Settings) -> dict[str, Any]:
         "x-dead-letter-strategy": "at-least-once",
         "x-overflow": "reject-publish",
     }
+
+
+def _delay_queue_arguments(names: Names) -> dict[str, Any]:
+    # Nobody consumes a delay queue: each message expires after its own
+    # backoff (per-message TTL) and is dead-lettered back to the work queue.
+    return {
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": names.exchange,
+        "x-dead-letter-routing-key": RETRY_KEY,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
+def delay_levels(max_attempts: int) -> int:
+    """How many delay queues a namespace has: a retry follows attempts 1..MAX_ATTEMPTS-1."""
+    return min(max_attempts - 1, DELAY_LEVELS)
+
+
+def delay_key(level: int) -> str:
+    return f"delay.{level}"
+
+
+def _metric_label(routing_key: str) -> str:
+    # One series for every delay level.
+    return "delay" if routing_key.startswith("delay.") else routing_key
 
 
 def _stream_arguments(settings: Settings) -> dict[str, Any]:

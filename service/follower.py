@@ -32,7 +32,7 @@ import msgspec
 from service.broker import EVENT_KEY, Broker, BrokerUnavailable
 from service.disk import Position
 from service.fence import Fences
-from service.schemas import Accepted, Event, Failed, Marker, events_of, message_decoder
+from service.schemas import Accepted, Event, Failed, Marker, envelope_decoder, events_of
 from service.store import ResultStore
 
 log = logging.getLogger(__name__)
@@ -243,7 +243,7 @@ class EventFollower:
         # Our marker before the expected offset: the stream is shorter than
         # the state (deleted and declared again since).
         try:
-            events = events_of(message_decoder.decode(body))
+            events = events_of(envelope_decoder.decode(body))
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             return False
         return any(isinstance(e, Marker) and e.marker_id == self._marker_id for e in events)
@@ -279,7 +279,7 @@ class EventFollower:
 
 def _decode(body: bytes, headers: dict[str, Any]) -> list[Event]:
     try:
-        events = events_of(message_decoder.decode(body))
+        events = events_of(envelope_decoder.decode(body))
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return []  # a poison task copied here by dead-lettering; the DLQ has it
     reason = headers.get("x-first-death-reason")
@@ -289,6 +289,11 @@ def _decode(body: bytes, headers: dict[str, Any]) -> list[Event]:
     # because one kept crashing its worker): they failed for good. Streams
     # keep the x-first-death-* headers of a dead letter, not x-death.
     reason_text = reason.decode() if isinstance(reason, bytes) else str(reason)
+    if reason_text == "expired":
+        # Its first death was the end of a retry's wait in a delay queue
+        # (service/broker.py); off the work queue, only the delivery limit
+        # dead-letters a task that decodes.
+        reason_text = "delivery_limit"
     error = f"task was set aside by the broker ({reason_text})"
     return [
         Failed(event.prediction_id, event.input, error, event.at_s)

@@ -13,18 +13,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from service.broker import EVENT_KEY, TASK_KEY, Broker
-from service.metrics import Metrics
 from service.outbox import Outbox
 from service.schemas import Accepted, Done, Failed, Outcome
 from service.store import Prediction, ResultStore
 
 
 class Journal:
-    def __init__(self, store: ResultStore, broker: Broker, metrics: Metrics) -> None:
+    def __init__(self, store: ResultStore, broker: Broker) -> None:
         self.store = store
         self.broker = broker
-        self._tasks = Outbox(broker, TASK_KEY, metrics)
-        self._outcomes = Outbox(broker, EVENT_KEY, metrics)
+        self._tasks = Outbox(broker, TASK_KEY)
+        self._outcomes = Outbox(broker, EVENT_KEY)
 
     async def accept(self, task: Accepted) -> None:
         """Note a new task and hand it to the broker (BrokerUnavailable if it won't)."""

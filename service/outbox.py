@@ -15,7 +15,6 @@ import asyncio
 from collections.abc import Sequence
 
 from service.broker import Broker, BrokerUnavailable
-from service.metrics import Metrics
 from service.schemas import Event, batched
 
 # A batch is also closed at this size, far below RabbitMQ's message limit.
@@ -23,12 +22,10 @@ MAX_BATCH_BYTES = 1024 * 1024
 
 
 class Outbox:
-    def __init__(self, broker: Broker, routing_key: str, metrics: Metrics) -> None:
+    def __init__(self, broker: Broker, routing_key: str) -> None:
         self._broker = broker
         self._routing_key = routing_key
         self._max_events = broker.settings.publish_batch_max
-        self._messages_published = metrics.messages_published.labels(routing_key)
-        self._events_published = metrics.events_published.labels(routing_key)
         self._events: list[Event] = []
         self._bytes = 0
         self._confirmed: asyncio.Future[None] | None = None
@@ -82,8 +79,6 @@ class Outbox:
             if not isinstance(exc, Exception):
                 raise
         else:
-            self._messages_published.inc()
-            self._events_published.inc(len(events))
             if not confirmed.done():
                 confirmed.set_result(None)
 

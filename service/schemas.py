@@ -100,15 +100,17 @@ class OutcomeBatch(msgspec.Struct, tag="outcomes", tag_field="kind", gc=False):
 
 Outcome = Done | Failed
 Event = Accepted | Done | Failed | Marker
-Message = Event | TaskBatch | OutcomeBatch
+# What one broker message carries: an event, or a batch of events made together.
+# ("message" alone means the broker's message, as aio-pika hands it over.)
+Envelope = Event | TaskBatch | OutcomeBatch
 
 json_encoder = msgspec.json.Encoder()
 request_decoder = msgspec.json.Decoder(PredictRequest)
 task_decoder = msgspec.json.Decoder(Accepted | TaskBatch)
-message_decoder = msgspec.json.Decoder(Message)
+envelope_decoder = msgspec.json.Decoder(Envelope)
 
 
-def batched(events: Sequence[Event]) -> Message:
+def batched(events: Sequence[Event]) -> Envelope:
     """One message for events published together: the event itself if alone."""
     if len(events) == 1:
         return events[0]
@@ -119,9 +121,17 @@ def batched(events: Sequence[Event]) -> Message:
     raise ValueError("a batch holds tasks or outcomes, not both")
 
 
-def events_of(message: Message) -> list[Event]:
-    if isinstance(message, TaskBatch):
-        return list(message.tasks)
-    if isinstance(message, OutcomeBatch):
-        return list(message.outcomes)
-    return [message]
+def events_of(envelope: Envelope) -> list[Event]:
+    if isinstance(envelope, TaskBatch):
+        return list(envelope.tasks)
+    if isinstance(envelope, OutcomeBatch):
+        return list(envelope.outcomes)
+    return [envelope]
+
+
+def event_count(envelope: Envelope) -> int:
+    if isinstance(envelope, TaskBatch):
+        return len(envelope.tasks)
+    if isinstance(envelope, OutcomeBatch):
+        return len(envelope.outcomes)
+    return 1

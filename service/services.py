@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from service.broker import Broker
-from service.consumer import TaskConsumer
+from service.consumer import TaskWorker
 from service.follower import EventFollower
 from service.journal import Journal
 from service.metrics import Metrics
@@ -23,7 +23,7 @@ class Services:
     broker: Broker
     journal: Journal
     follower: EventFollower
-    consumer: TaskConsumer
+    worker: TaskWorker
     metrics: Metrics
     state_dir: StateDir
 
@@ -37,6 +37,6 @@ class Services:
             return "The broker connection is down."
         if not self.follower.caught_up.is_set():
             return "Replaying the prediction event stream."
-        if not self.consumer.consuming:
+        if not self.worker.consuming:
             return "The task consumer is not running."
         return None

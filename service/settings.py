@@ -48,6 +48,9 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", forbid_unknown_field
     broker_reconnect_interval_s: Positive = 2
     publish_timeout_s: Positive = 5
     max_attempts: PositiveInt = 3
+    # The wait before a failed task's second attempt; it doubles after each
+    # failure (up to 128x), +-25 % jitter. 0 retries at once.
+    retry_backoff_s: NonNegative = 1
     result_ttl_s: Positive = 86_400
     shutdown_grace_s: NonNegative = 30
     max_wait_s: NonNegative = 60

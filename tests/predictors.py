@@ -43,14 +43,26 @@ _attempts: dict[str, int] = {}
 
 def reset_attempts() -> None:
     _attempts.clear()
+    call_times.clear()
+
+
+# When each call of `fails_first_time` began (time.monotonic()), by input.
+call_times: dict[str, list[float]] = {}
 
 
 def fails_first_time(text: str) -> str:
     """Fails on the first call for an input, answers the attempt number after."""
+    call_times.setdefault(text, []).append(time.monotonic())
     _attempts[text] = _attempts.get(text, 0) + 1
     if _attempts[text] == 1:
         raise ConnectionError("model server hiccup")
     return str(_attempts[text])
+
+
+def counts_then_fails(text: str) -> str:
+    """Counts its calls per input in `calls`, and fails every one."""
+    calls[text] = calls.get(text, 0) + 1
+    raise ConnectionError(f"no model for {text!r}")
 
 
 def crashes_the_process(text: str) -> str:
@@ -78,9 +90,9 @@ calls: dict[str, int] = {}
 
 
 async def counts_calls(text: str) -> str:
-    """Sleeps the seconds its input says, counting calls per input in `calls`."""
+    """Sleeps the seconds its input says ("0.5", or "0.5-tag"), counting calls per input."""
     calls[text] = calls.get(text, 0) + 1
-    await anyio.sleep(float(text))
+    await anyio.sleep(float(text.partition("-")[0]))
     return text
 
 

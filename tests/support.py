@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,20 +38,6 @@ def rabbitmqctl(*args: str) -> str:
         ["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=60
     )
     return done.stdout
-
-
-@contextlib.contextmanager
-def broker_memory_alarm() -> Iterator[None]:
-    """The broker's memory alarm on (it blocks every publisher), then its old watermark back."""
-    found = rabbitmqctl("eval", "vm_memory_monitor:get_vm_memory_high_watermark().").strip()
-    # `0.4` (relative) or `{absolute,1073741824}`.
-    absolute = re.fullmatch(r"\{absolute,(\d+)\}", found)
-    restore = ["absolute", absolute[1]] if absolute else [found]
-    rabbitmqctl("set_vm_memory_high_watermark", "absolute", "1")
-    try:
-        yield
-    finally:
-        rabbitmqctl("set_vm_memory_high_watermark", *restore)
 
 
 def _ephemeral_ports() -> range:
@@ -99,7 +85,7 @@ def free_port() -> int:
 
 
 def settings_for_test(rabbitmq_url: str, **changes: object) -> Settings:
-    """Settings for one test: its own namespace, a model that answers in ms."""
+    """Settings for one test: its own namespace, a model that answers in ms, short retry waits."""
     base = Settings(
         rabbitmq_url=rabbitmq_url,
         host="127.0.0.1",
@@ -112,6 +98,7 @@ def settings_for_test(rabbitmq_url: str, **changes: object) -> Settings:
         publish_timeout_s=2,
         shutdown_grace_s=5,
         max_wait_s=10,
+        retry_backoff_s=0.05,
     )
     return base.with_changes(**changes)
 
@@ -137,8 +124,14 @@ class LiveApp:
 
 
 @contextlib.asynccontextmanager
-async def live_app(settings: Settings, *, wait_ready: bool = True) -> AsyncIterator[LiveApp]:
-    """The real app under a real uvicorn server, in the test's own event loop."""
+async def live_app(
+    settings: Settings, *, wait_ready: bool = True, keep_namespace: bool = False
+) -> AsyncIterator[LiveApp]:
+    """The real app under a real uvicorn server, in the test's own event loop.
+
+    Its namespace's queues are deleted at the end, unless `keep_namespace`
+    (for a later replica, which deletes them).
+    """
     app = create_app(settings, on_fatal=lambda message: None)
     config = uvicorn.Config(
         app,
@@ -168,7 +161,8 @@ async def live_app(settings: Settings, *, wait_ready: bool = True) -> AsyncItera
         server.should_exit = True
         with anyio.fail_after(30):
             await task
-        await delete_namespace(settings)
+        if not keep_namespace:
+            await delete_namespace(settings)
 
 
 async def wait_ready_at(client: httpx.AsyncClient, timeout_s: float = 20) -> None:
@@ -202,6 +196,13 @@ async def metric(client: httpx.AsyncClient, series: str) -> float:
     text = (await client.get("/metrics")).text
     match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
+
+
+async def metric_total(client: httpx.AsyncClient, name: str) -> float:
+    """The sum of every series of one metric, whatever its labels."""
+    text = (await client.get("/metrics")).text
+    pattern = rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)$"
+    return sum(float(value) for value in re.findall(pattern, text, re.MULTILINE))
 
 
 async def submit_async(client: httpx.AsyncClient, text: str) -> str:

@@ -21,13 +21,16 @@ import pytest
 from service.broker import TASK_KEY, Names
 from service.schemas import Accepted, TaskBatch, json_encoder
 from service.settings import Settings
+from tests import predictors
+from tests.nodes import Node
 from tests.support import (
     LiveApp,
     ServiceProcess,
-    broker_memory_alarm,
     dead_letters,
+    free_port,
     live_app,
     metric,
+    metric_total,
     settings_for_test,
     submit_async,
     wait_finished,
@@ -123,29 +126,34 @@ async def test_publish_batch_max_1_sends_every_task_alone(rabbitmq_url: str) -> 
         assert await metric(live.client, published) == count
 
 
-async def test_a_batch_beyond_the_free_model_slots_is_partly_put_back(
+async def test_a_batch_beyond_the_free_model_slots_waits_here_in_line(
     rabbitmq_url: str,
 ) -> None:
     settings = settings_for_test(
-        rabbitmq_url, predictor="tests.predictors:async_reverse", model_concurrency=2
+        rabbitmq_url, predictor="tests.predictors:counts_calls", model_concurrency=2
     )
     async with live_app(settings) as live:
-        inputs = [f"task {i}" for i in range(6)]
+        inputs = [f"0.{i}" for i in range(1, 7)]
         ids = await _publish_batch(settings, inputs)
+        most_running = 0
+        with anyio.fail_after(20):
+            while len(predictors.calls) < len(inputs):
+                most_running = max(most_running, live.services.runner.running)
+                await asyncio.sleep(0.01)
         for prediction_id, text in zip(ids, inputs, strict=True):
             response = await wait_finished(live.client, prediction_id)
             assert response.status_code == 200
-            assert response.json()["output"]["result"] == text[::-1]
-        # Two slots: the first delivery runs two tasks and puts four back.
-        assert await metric(live.client, 'tasks_put_back_total{reason="busy"}') >= 4
-        # Put-backs are publishes too, counted under their routing key.
-        retried = 'broker_events_published_total{routing_key="retry"}'
-        assert await metric(live.client, retried) >= 4
+            assert response.json()["output"]["result"] == text
+        # Two slots: two run at a time, the other four wait their turn here,
+        # in the order of the batch; none goes back to the broker.
+        assert most_running == 2
+        assert list(predictors.calls) == inputs
+        assert await metric_total(live.client, "tasks_put_back_total") == 0
         put_back = 'broker_messages_published_total{routing_key="retry"}'
-        assert await metric(live.client, put_back) >= 1
-        # Putting back never runs a task twice.
+        assert await metric(live.client, put_back) == 0
         completed = 'predictions_completed_total{mode="async"}'
         assert await metric(live.client, completed) == len(inputs)
+        assert predictors.calls == dict.fromkeys(inputs, 1)
 
 
 async def test_a_task_that_fails_in_a_batch_fails_alone(rabbitmq_url: str) -> None:
@@ -160,11 +168,19 @@ async def test_a_task_that_fails_in_a_batch_fails_alone(rabbitmq_url: str) -> No
         response = await wait_finished(live.client, boom)
         assert response.status_code == 500
         assert response.json() == {"error": "Prediction failed: RuntimeError: boom in input"}
-        # It went back alone, was tried once more, and only it was dead-lettered.
+        # It went back alone, through the delay queue, was tried once more,
+        # and only it was dead-lettered, with the attempts it spent.
         [dead] = await dead_letters(settings, 1)
         assert json.loads(dead)["prediction_id"] == boom
+        assert json.loads(dead)["attempts"] == 2
+        assert json.loads(dead)["last_error"] == "RuntimeError: boom in input"
         assert await metric(live.client, 'tasks_put_back_total{reason="model_failed"}') == 1
         assert await metric(live.client, 'predictions_failed_total{mode="async"}') == 1
+        # Put-backs are publishes too, counted where they went.
+        delayed = 'broker_messages_published_total{routing_key="delay"}'
+        assert await metric(live.client, delayed) == 1
+        dead_copies = 'broker_messages_published_total{routing_key="dead"}'
+        assert await metric(live.client, dead_copies) == 1
 
 
 async def test_a_batch_back_after_a_crash_is_split_and_only_the_crasher_fails(
@@ -177,10 +193,11 @@ async def test_a_batch_back_after_a_crash_is_split_and_only_the_crasher_fails(
     try:
         fine, crash, also_fine = await _publish_batch(settings, ["fine", "crash", "also fine"])
         # The batch's other tasks finish before "crash" kills the worker; the
-        # batch comes back and goes back as three tasks, uncharged. "crash"
-        # then kills a worker alone, until the broker sets it aside.
+        # batch comes back and goes back as three tasks, each charged that
+        # attempt. "crash" then kills a worker alone: MAX_ATTEMPTS runs in
+        # all, and the next start gives it up without running it.
         assert await service.wait_exit() == 3
-        for _ in range(settings.max_attempts):
+        for _ in range(settings.max_attempts - 1):
             await service.start(wait_ready=False)
             assert await service.wait_exit() == 3
         await service.start()
@@ -190,7 +207,8 @@ async def test_a_batch_back_after_a_crash_is_split_and_only_the_crasher_fails(
                 assert response.json()["output"]["result"] == "1"
             response = await wait_finished(client, crash)
             assert response.status_code == 500
-            assert "set aside by the broker (delivery_limit)" in response.json()["error"]
+            error = "Prediction failed: the worker stopped during each of 2 attempts"
+            assert response.json() == {"error": error}
             [dead] = await dead_letters(settings, 1)
             assert json.loads(dead)["prediction_id"] == crash
             # The worker goes on serving.
@@ -201,19 +219,20 @@ async def test_a_batch_back_after_a_crash_is_split_and_only_the_crasher_fails(
 
 
 async def test_an_outcome_unconfirmed_during_a_memory_alarm_is_kept_uncharged(
-    rabbitmq_url: str, caplog: pytest.LogCaptureFixture
+    throwaway_broker: Node, caplog: pytest.LogCaptureFixture
 ) -> None:
     # One attempt: a requeue while the alarm blocks the outcome's confirm
-    # would make the broker dead-letter a task whose result is known.
+    # would make the broker dead-letter a task whose result is known. The
+    # alarm blocks every client of its broker: hence a node of its own.
     settings = settings_for_test(
-        rabbitmq_url, predictor="tests.predictors:sleeps_as_told", max_attempts=1
+        throwaway_broker.url, predictor="tests.predictors:sleeps_as_told", max_attempts=1
     )
     async with live_app(settings) as live:
         ids = await _publish_batch(settings, ["0.5", "0.5", "0.5"])
         with anyio.fail_after(10):
             while await metric(live.client, "predictions_in_flight") < 3:
                 await asyncio.sleep(0.02)
-        with broker_memory_alarm():
+        with throwaway_broker.memory_alarm():
             # Each outcome waits out at least one unconfirmed publish.
             with anyio.fail_after(5 * settings.publish_timeout_s):
                 while caplog.text.count("could not record an outcome") < len(ids):
@@ -235,23 +254,53 @@ async def test_an_outcome_unconfirmed_during_a_memory_alarm_is_kept_uncharged(
         assert await _dead_letter_count(settings) == 0
 
 
-async def test_a_task_parked_behind_a_busy_model_circulates_uncharged(rabbitmq_url: str) -> None:
-    # Two model slots, both taken by one batch, leave room in the prefetch
-    # for a message that must then wait. With one attempt, were that task
-    # charged for its wait, the broker would dead-letter it on its return.
+async def test_a_task_behind_a_busy_replica_goes_to_a_free_one_uncharged(
+    rabbitmq_url: str,
+) -> None:
+    # Replica A's two slots are taken by one batch: it asks the broker for
+    # nothing more, so a task sent now goes to replica B, which has room,
+    # and runs at once. With one attempt, were that task charged for any
+    # wait, the broker would dead-letter it.
     settings = settings_for_test(
         rabbitmq_url,
         predictor="tests.predictors:sleeps_as_told",
         model_concurrency=2,
         max_attempts=1,
     )
-    async with live_app(settings) as live:
-        slow = await _publish_batch(settings, ["2.5", "2.5"])
+    async with live_app(settings) as busy:
+        slow = await _publish_batch(settings, ["8", "8"])
         with anyio.fail_after(10):
-            while await metric(live.client, "predictions_in_flight") < 2:
+            while await metric(busy.client, "predictions_in_flight") < 2:
                 await asyncio.sleep(0.02)
-        quick = await submit_async(live.client, "0")
-        for prediction_id in [*slow, quick]:
+        async with live_app(settings.with_changes(port=free_port())) as free:
+            quick = await submit_async(free.client, "0")
+            response = await wait_finished(free.client, quick)
+            assert response.status_code == 200
+            # Done while A's batch still runs.
+            for prediction_id in slow:
+                assert (await busy.client.get(f"/predict/{prediction_id}")).status_code == 400
+            assert await metric(free.client, 'predictions_completed_total{mode="async"}') == 1
+            # (Both replicas stay up until the end: the last one out deletes the queues.)
+            for prediction_id in slow:
+                assert (await wait_finished(busy.client, prediction_id)).status_code == 200
+            assert await metric(busy.client, 'predictions_completed_total{mode="async"}') == 2
+            assert await metric_total(busy.client, "tasks_put_back_total") == 0
+
+
+async def test_a_burst_deeper_than_the_slots_runs_once_each_with_nothing_put_back(
+    rabbitmq_url: str,
+) -> None:
+    # Batches of many tasks, three slots: the worker keeps asking the broker
+    # for what its free slots can run, consumer after consumer, and none of
+    # it comes back: no put-back, no redelivery, one run each.
+    settings = settings_for_test(
+        rabbitmq_url, predictor="tests.predictors:counts_calls", model_concurrency=3
+    )
+    async with live_app(settings) as live:
+        inputs = [f"0.0{i % 10}-{i}" for i in range(120)]
+        ids = await asyncio.gather(*(submit_async(live.client, text) for text in inputs))
+        for prediction_id in ids:
             assert (await wait_finished(live.client, prediction_id)).status_code == 200
-        # Parked for at most PARK_MAX_S at a time, then back to the queue.
-        assert await metric(live.client, 'tasks_put_back_total{reason="busy"}') >= 2
+        assert predictors.calls == dict.fromkeys(inputs, 1)
+        assert await metric_total(live.client, "tasks_put_back_total") == 0
+        assert live.services.worker.intake.consumers_started > 1

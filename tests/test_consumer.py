@@ -11,7 +11,7 @@ import aio_pika
 import anyio
 
 from service.broker import TASK_KEY, Names
-from service.consumer import InFlight
+from service.inflight import InFlight
 from service.model import ModelRunner
 from service.schemas import Accepted, TaskBatch, json_encoder
 from service.settings import Settings

@@ -22,7 +22,7 @@ import httpx
 import msgspec
 import pytest
 
-from service.schemas import Marker, message_decoder
+from service.schemas import Marker, envelope_decoder
 from service.settings import Settings
 from service.statedir import DATABASE_FILE
 from tests.support import (
@@ -316,4 +316,4 @@ async def test_a_replica_killed_with_9_resumes_from_its_last_commit(
 def test_padding_markers_are_valid_events() -> None:
     # The retention test relies on markers with a field the decoder ignores.
     body = msgspec.json.encode({"kind": "marker", "marker_id": "m", "pad": "x", "at_s": 1.0})
-    assert message_decoder.decode(body) == Marker("m", 1.0)
+    assert envelope_decoder.decode(body) == Marker("m", 1.0)

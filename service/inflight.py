@@ -1,0 +1,61 @@
+"""Model runs whose outcome is not on the stream yet: a redelivery joins them."""
+
+from __future__ import annotations
+
+import asyncio
+
+from service.model import ModelRunner
+
+
+class InFlight:
+    """The model runs here whose outcome is not on the stream yet, by prediction id.
+
+    After a dropped connection the broker delivers a task again while the
+    first delivery's handling still runs its model (TaskWorker._on_message
+    keeps it going), or still waits for the broker to confirm its outcome.
+    The redelivery takes that run's answer instead of starting the model a
+    second time. A run is kept until `forget`, once its outcome is
+    published; outcomes are applied only when read back from the stream,
+    so until then this is the only place that knows it. A plain future per
+    run: a task per run cost a fifth of the async pipeline's throughput.
+    """
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self._runner = runner
+        self._runs: dict[str, asyncio.Future[str]] = {}
+
+    def __contains__(self, prediction_id: str) -> bool:
+        return prediction_id in self._runs
+
+    async def predict(self, prediction_id: str, input: str) -> tuple[str, bool]:
+        """The model's answer, and whether it came from a run already kept here."""
+        running = self._runs.get(prediction_id)
+        if running is not None:
+            # Shielded: a waiter cancelled with its connection leaves the run be.
+            return await asyncio.shield(running), True
+        run: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._runs[prediction_id] = run
+        try:
+            result = await self._runner.predict(input)
+        except asyncio.CancelledError:
+            run.cancel()
+            del self._runs[prediction_id]
+            raise
+        except BaseException as exc:
+            # A failed run is not kept: the next delivery tries again.
+            run.set_exception(exc)
+            run.exception()  # retrieved, so asyncio does not log it if nobody waits
+            del self._runs[prediction_id]
+            raise
+        run.set_result(result)
+        return result, False
+
+    def forget(self, prediction_id: str) -> None:
+        """The run's outcome is on the stream: a later delivery finds it there.
+
+        (One between the broker's confirm and the follower reading it back,
+        a few ms, would run the model again: wasted, not wrong.)
+        """
+        run = self._runs.get(prediction_id)
+        if run is not None and run.done():
+            del self._runs[prediction_id]
