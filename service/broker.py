@@ -281,8 +281,9 @@ class Broker:
     """One robust connection with two channels.
 
     The task channel publishes (with confirms) and consumes the work queue
-    with prefetch MODEL_CONCURRENCY; the event channel follows the stream
-    with a larger prefetch. Prefetch is per channel in aio-pika's recovery,
+    with a prefetch the worker sizes from its free model slots
+    (service/intake.py); the event channel follows the stream with a
+    larger prefetch. Prefetch is per channel in aio-pika's recovery,
     hence two channels rather than one.
     """
 
@@ -300,6 +301,7 @@ class Broker:
         self._down = asyncio.Event()
         # Run once the connection is back (its channels and consumers restored).
         self.on_reconnected: list[Callable[[], None]] = []
+        self.closed = False  # by us, for good
         self.tasks_channel: aio_pika.abc.AbstractRobustChannel
         self.events_channel: aio_pika.abc.AbstractRobustChannel
         self.exchange: aio_pika.abc.AbstractExchange
@@ -364,6 +366,7 @@ class Broker:
         self._metrics.events_published.labels(label).inc(event_count(envelope))
 
     async def close(self) -> None:
+        self.closed = True
         self._up.clear()
         if self._connection is not None:
             await self._connection.close()

@@ -45,6 +45,8 @@ from service.decision import (
     Run,
     Seen,
     Split,
+    Take,
+    charge,
     decide,
     on_delivery,
 )
@@ -62,6 +64,8 @@ log = logging.getLogger(__name__)
 # Pause between attempts to publish what the broker did not confirm.
 PUBLISH_RETRY_S = 1.0
 MIN_RETRY_PAUSE_S = 0.1
+# Loop turns from a delivery's frame to its callback (aiormq, then aio-pika).
+HANDOFF_STEPS = 3
 
 MessageT = aio_pika.abc.AbstractIncomingMessage
 
@@ -90,6 +94,7 @@ class TaskWorker:
         self._idle = asyncio.Event()
         self._idle.set()
         self._jitter = random.Random()
+        self._not_started = NotStarted()
 
     @property
     def consuming(self) -> bool:
@@ -110,29 +115,39 @@ class TaskWorker:
                 await self.intake.stop()
         except (TimeoutError, *aio_pika.exceptions.CONNECTION_EXCEPTIONS) as exc:
             log.warning("could not cancel the task consumer cleanly: %r", exc)
+        # Deliveries that came before the cancel's answer have their callback
+        # scheduled, not yet started: let them start, and be counted.
+        for _ in range(HANDOFF_STEPS):
+            await asyncio.sleep(0)
         self._slots.close()
         with anyio.move_on_after(grace_s) as scope:
             await self._idle.wait()
         if scope.cancelled_caught:
             log.warning(
-                "%d task(s) still running after the grace period; left for redelivery",
-                self._slots.running,
+                "%d task message(s) still handled after the grace period; left for redelivery",
+                self._handling,
             )
 
     # -- 1. a message arrives ------------------------------------------------
 
     async def _on_message(self, message: MessageT) -> None:
-        # aio-pika cancels this callback when its connection drops, and the
-        # broker delivers the message again after the reconnection. The
-        # handling goes on in a task of its own, so a model run of 10-17 s
-        # is not thrown away: the redelivery joins it (service/inflight.py).
+        # Counted before any await, so a stop that waits for handlings to
+        # end sees this one. aio-pika cancels this callback when its
+        # connection drops, and the broker delivers the message again after
+        # the reconnection. The handling goes on in a task of its own, so a
+        # model run of 10-17 s is not thrown away: the redelivery joins it.
+        self._handling += 1
+        self._idle.clear()
         await asyncio.shield(asyncio.ensure_future(self._handle_message(message)))
 
     async def _handle_message(self, message: MessageT) -> None:
-        self._handling += 1
-        self._idle.clear()
         try:
             await self._take(message)
+        except Exception:
+            # A bug, or a store that failed under us: back to the broker,
+            # counted like the crash it nearly is.
+            log.exception("could not handle a task message; returning it to the queue")
+            await self._settle(message, requeue=True)
         finally:
             self._handling -= 1
             if not self._handling:
@@ -147,31 +162,30 @@ class TaskWorker:
             self.intake.delivered(message, 1)
             await self._settle(message, dead_letter=True)
             return
-        # Counted at once, so the intake asks for no more than the slots left.
-        self._slots.reserve(len(tasks))
+        # Returns this replica knows were not runs: tasks that were still
+        # waiting for a slot when their message's connection dropped.
+        not_started = {t.prediction_id: self._not_started.pop(t.prediction_id, 0) for t in tasks}
+        plan = on_delivery(tasks, _redeliveries(message), not_started)
+        # Counted at once, so that the intake asks for no more than the slots left.
+        kept = [] if isinstance(plan, Split) else tasks
+        self._slots.reserve(len(kept))
         self.intake.delivered(message, len(tasks))
         try:
-            await self._take_tasks(message, tasks)
+            await self._take_tasks(message, plan)
         except DeliveryLost:
             self.intake.lost(message)  # the broker has it back; nothing to settle
-        except BaseException:
-            self.intake.lost(message)
-            raise
         else:
             await self._settle(message)
 
-    async def _take_tasks(self, message: MessageT, tasks: list[Accepted]) -> None:
-        plan = on_delivery(tasks, _redeliveries(message))
+    async def _take_tasks(self, message: MessageT, plan: Take | Split) -> None:
         if isinstance(plan, Split):
-            for _ in tasks:
-                self._slots.unreserve()
             await self._put_back(plan.tasks, RETRY_KEY, message)
             self._metrics.put_back_redelivered.inc(len(plan.tasks))
             return
         # Every task runs to its end before the message is settled: one
         # task's lost delivery must not settle the message under the others.
         ends = await asyncio.gather(
-            *(self._handle_task(task, plan.crashes, message) for task in tasks),
+            *(self._handle_task(task, crashes, message) for task, crashes in plan.tasks),
             return_exceptions=True,
         )
         for end in ends:
@@ -181,32 +195,69 @@ class TaskWorker:
     # -- 2. each task --------------------------------------------------------
 
     async def _handle_task(self, task: Accepted, crashes: int, message: MessageT) -> None:
+        """Decide, run (or join a run going here), decide again, carry it out."""
+        reserved = True  # the slot counted for this task when its message came
         try:
-            decision = self._decide(task, crashes, await self._seen_before_run(task))
-        except BaseException:
-            self._slots.unreserve()
-            raise
-        if not isinstance(decision, Run):
-            self._slots.unreserve()
-        else:
-            try:
-                async with self._slots.held():
-                    decision = await self._run(task, crashes, decision)
-            except SlotsClosed:
-                # Stopping before its turn: back on the work queue, uncharged.
-                await self._put_back([task], RETRY_KEY, message)
-                self._metrics.put_back_stopping.inc()
-                return
-        await self._carry_out(task, decision, message)
+            running = self._runs.running(task.prediction_id)
+            seen = await self._seen_before_run(task, running)
+            decision: Decision | None = self._decide(task, crashes, seen)
+            if isinstance(decision, Run) and running is not None:
+                joined = await self._join(task, crashes, running)
+                # Gone (cancelled): decide as a new run, attempts checked.
+                decision = joined or self._decide(task, crashes, NotRun())
+            if isinstance(decision, Run):
+                reserved = False  # the slot's line takes it over
+                decision = await self._run_in_slot(task, crashes, decision, message)
+        finally:
+            if reserved:
+                self._slots.unreserve()
+        if decision is not None:
+            await self._carry_out(task, decision, message)
 
-    async def _seen_before_run(self, task: Accepted) -> Seen:
+    async def _join(
+        self, task: Accepted, crashes: int, running: asyncio.Future[str]
+    ) -> Decision | None:
+        """The outcome of the run an earlier delivery started here; None if it is gone.
+
+        The run holds its slot already, so joining takes none. (The earlier
+        delivery's handling sees the same outcome, but its message is the
+        broker's again: only outcomes are published from there.)
+        """
+        await asyncio.wait([running])  # a cancelled joiner leaves the run be
+        if running.cancelled():
+            return None
+        error = running.exception()
+        if error is None:
+            return self._decide(task, crashes, Ran(running.result()))
+        if isinstance(error, ModelError):
+            return self._decide(task, crashes, Raised(str(error), joined=True))
+        raise error
+
+    async def _run_in_slot(
+        self, task: Accepted, crashes: int, run: Run, message: MessageT
+    ) -> Decision | None:
+        try:
+            async with self._slots.held():
+                if _delivery_lost(message):
+                    # It waited for a slot through a dropped connection: its
+                    # redelivery runs it, and is told this return was no run.
+                    self._not_started.note(task.prediction_id)
+                    raise DeliveryLost
+                return await self._run(task, crashes, run)
+        except SlotsClosed:
+            # Stopping before its turn: back on the work queue with its count.
+            await self._put_back([charge(task, task.attempts + crashes)], RETRY_KEY, message)
+            self._metrics.put_back_stopping.inc()
+            return None
+
+    async def _seen_before_run(self, task: Accepted, running: asyncio.Future[str] | None) -> Seen:
         try:
             known = await self._journal.store.lookup(task.prediction_id)
         except StateUnavailable:
             known = None  # running it again is waste, not harm: the first outcome wins
         if isinstance(known, Prediction):
             return Known(outcome_of(task.prediction_id, known))
-        return NotRun(joining=task.prediction_id in self._runs)
+        return NotRun(joining=running is not None)
 
     async def _run(self, task: Accepted, crashes: int, run: Run) -> Decision:
         prediction_id = task.prediction_id
@@ -227,8 +278,11 @@ class TaskWorker:
 
     async def _carry_out(self, task: Accepted, decision: Decision, message: MessageT) -> None:
         if isinstance(decision, Retry):
-            key = delay_key(decision.level) if decision.delay_s > 0 else RETRY_KEY
-            await self._put_back([decision.task], key, message, expires_after_s=decision.delay_s)
+            if decision.delay_s > 0:
+                key, expires_after_s = delay_key(decision.level), decision.delay_s
+            else:
+                key, expires_after_s = RETRY_KEY, None  # a TTL of 0 would expire it at once
+            await self._put_back([decision.task], key, message, expires_after_s=expires_after_s)
             self._metrics.put_back_failed.inc()
             return
         assert isinstance(decision, Record)  # a Run was carried out by _handle_task
@@ -249,7 +303,9 @@ class TaskWorker:
             # with the attempts it spent and why the last one failed.
             spent = max(decision.attempts, task.attempts)
             dead = msgspec.structs.replace(task, attempts=spent, last_error=decision.outcome.error)
-            await self._put_back([dead], DEAD_KEY, message)
+            # Sent even if the message is the broker's again: its redelivery
+            # finds the failure known and sends no copy.
+            await self._put_back([dead], DEAD_KEY, message, even_if_lost=True)
             self._metrics.dead_lettered.labels("model_failed").inc()
         if _delivery_lost(message):
             raise DeliveryLost
@@ -262,6 +318,8 @@ class TaskWorker:
         the stream rather than run the model again.
         """
         while True:
+            if self._broker.closed:
+                raise DeliveryLost  # stopped: the message goes back with the connection
             try:
                 await self._journal.record((decision.outcome,))
                 return
@@ -272,21 +330,26 @@ class TaskWorker:
 
     async def _put_back(
         self,
-        tasks: Sequence[Accepted],
+        tasks: Sequence[Envelope],
         routing_key: str,
         original: MessageT,
         *,
         expires_after_s: float | None = None,
+        even_if_lost: bool = False,
     ) -> None:
         """Publish tasks as messages of their own, retried until confirmed.
 
-        Retried as long as `original` can still be settled: requeueing it
-        instead would count a delivery, and the broker would dead-letter
-        tasks that merely waited for a reconnection. Raises DeliveryLost
-        once its channel has closed.
+        Only while `original` can still be settled: once its channel has
+        closed, the broker delivers it again and the redelivery decides
+        anew, so a copy published now would run twice. Raises DeliveryLost
+        then. Retried rather than requeueing `original`, which would count
+        a delivery, and the broker would dead-letter tasks that merely
+        waited for a reconnection.
         """
         pending: list[Envelope] = list(tasks)
         while True:
+            if self._broker.closed or (_delivery_lost(original) and not even_if_lost):
+                raise DeliveryLost
             # Every publish is awaited before an error is raised, so none is
             # still in flight when the caller settles the original message.
             results = await asyncio.gather(
@@ -304,8 +367,6 @@ class TaskWorker:
             if not pending:
                 return
             log.warning("could not put %d task(s) back on the work queue", len(pending))
-            if _delivery_lost(original):
-                raise DeliveryLost
             await self._until_broker_may_confirm()
 
     async def _until_broker_may_confirm(self) -> None:
@@ -326,15 +387,41 @@ class TaskWorker:
 
     # -- 3. settling -----------------------------------------------------------
 
-    async def _settle(self, message: MessageT, *, dead_letter: bool = False) -> None:
-        """Ack the message (or reject it into the dead-letter queue): the one place."""
+    async def _settle(
+        self, message: MessageT, *, dead_letter: bool = False, requeue: bool = False
+    ) -> None:
+        """Ack the message, or reject it (dead-letter or requeue): the one place."""
         await self.intake.before_settling(message)
         try:
-            await (message.reject(requeue=False) if dead_letter else message.ack())
+            if dead_letter or requeue:
+                await message.reject(requeue=requeue)
+            else:
+                await message.ack()
         except aio_pika.exceptions.CONNECTION_EXCEPTIONS as exc:
             # The channel closed under us (broker restart); the broker then
             # redelivers the message, so a failed ack is not an error to propagate.
             log.info("could not settle a message, it will be redelivered: %r", exc)
+
+
+class NotStarted:
+    """Tasks that left the line for a slot because their message went back.
+
+    Their redelivery is not a crash of theirs. Known to this replica only,
+    for a while: at most MAX_ENTRIES, the oldest forgotten first.
+    """
+
+    MAX_ENTRIES = 10_000
+
+    def __init__(self) -> None:
+        self._returns: dict[str, int] = {}
+
+    def note(self, prediction_id: str) -> None:
+        self._returns[prediction_id] = self._returns.pop(prediction_id, 0) + 1
+        if len(self._returns) > self.MAX_ENTRIES:
+            del self._returns[next(iter(self._returns))]
+
+    def pop(self, prediction_id: str, default: int) -> int:
+        return self._returns.pop(prediction_id, default)
 
 
 def _delivery_lost(message: MessageT) -> bool:

@@ -7,8 +7,9 @@ value of a union type; the worker carries it out and settles the message.
 
 Attempts have one source of truth: the count a task carries
 (`Accepted.attempts`), plus the broker's `x-delivery-count` of the message
-that brought it, which counts only the deliveries that ended without a
-settlement: a worker that crashed, or lost its connection, mid-run. A
+that brought it, which counts the deliveries that ended without a
+settlement: a worker that crashed, or lost its connection, mid-run (and,
+rarely, a message the broker was handing over as a worker stopped). A
 failed run is never requeued (that would count a delivery); it goes back
 on the work queue through a delay queue with its count raised by one. So a
 task runs MAX_ATTEMPTS times at most, alone or in a batch.
@@ -16,7 +17,7 @@ task runs MAX_ATTEMPTS times at most, alone or in a batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -55,7 +56,11 @@ class Ran:
 
 @dataclass(frozen=True)
 class Raised:
+    """The run failed. `joined`: it was a run an earlier delivery started, which
+    the broker already counted when that delivery's connection dropped."""
+
     error: str
+    joined: bool = False
 
 
 Seen = NotRun | Known | Ran | Raised
@@ -110,9 +115,12 @@ def decide(
     that this stays pure.
     """
     if isinstance(seen, Known):
-        # Published again: the first publish may not have reached the stream.
-        return Record(seen.outcome, dead_letter=isinstance(seen.outcome, Failed))
-    attempt = task.attempts + crashes + 1
+        # Already on the stream (the mapping is built from it); published
+        # again all the same, which costs one message. The dead-letter copy
+        # is not sent twice.
+        return Record(seen.outcome)
+    joined = isinstance(seen, Raised) and seen.joined
+    attempt = task.attempts + crashes + (0 if joined else 1)
     if isinstance(seen, NotRun):
         # A run still going here is the attempt the broker counted when the
         # connection dropped, not a spent one: joining it costs nothing.
@@ -142,9 +150,9 @@ def retry_delay_s(level: int, backoff_s: float, jitter: float) -> float:
 
 @dataclass(frozen=True)
 class Take:
-    """Run the message's tasks here; each has crashed `crashes` workers already."""
+    """Run the message's tasks here, each with the crashes it has been through."""
 
-    crashes: int
+    tasks: list[tuple[Accepted, int]]
 
 
 @dataclass(frozen=True)
@@ -154,17 +162,25 @@ class Split:
     tasks: list[Accepted]
 
 
-def on_delivery(tasks: Sequence[Accepted], redeliveries: int) -> Take | Split:
+def on_delivery(
+    tasks: Sequence[Accepted], redeliveries: int, not_started: Mapping[str, int]
+) -> Take | Split:
     """Take a message's tasks, or split a batch that came back unsettled.
 
-    Such a batch may hold what stopped the last worker: apart, each task
-    gets a delivery count of its own, so one that keeps crashing workers
-    fails alone. Each is charged the returns: the worker takes a message
-    only when it can start every task of it, so each was running then.
+    `redeliveries` is the message's x-delivery-count; `not_started`, per
+    task, the returns this replica knows were no run of it (it was still
+    waiting for a slot when the connection dropped).
+
+    A batch that came back may hold what stopped the last worker: apart,
+    each task gets a delivery count of its own, so one that keeps crashing
+    workers fails alone. Each is charged the returns but those known to be
+    no run: after a crash nobody can tell a task that ran from one that
+    waited for a slot behind it, so both are charged.
     """
+    crashes = [max(redeliveries - not_started.get(t.prediction_id, 0), 0) for t in tasks]
     if len(tasks) > 1 and redeliveries:
-        return Split([charge(task, task.attempts + redeliveries) for task in tasks])
-    return Take(redeliveries)
+        return Split([charge(t, t.attempts + c) for t, c in zip(tasks, crashes, strict=True)])
+    return Take(list(zip(tasks, crashes, strict=True)))
 
 
 def charge(task: Accepted, spent: int) -> Accepted:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -36,6 +37,9 @@ from service.schemas import Accepted, Event, Failed, Marker, envelope_decoder, e
 from service.store import ResultStore
 
 log = logging.getLogger(__name__)
+
+# The delay queues of retries (service/broker.py Names.delay).
+RETRY_QUEUE = re.compile(r"\.retry\.\d+$")
 
 # aiormq's delivery, not aio-pika's IncomingMessage: wrapping every event
 # in one cost a quarter of the event loop's time during a replay, for
@@ -288,8 +292,8 @@ def _decode(body: bytes, headers: dict[str, Any]) -> list[Event]:
     # The broker gave up on these tasks (its delivery limit, most often
     # because one kept crashing its worker): they failed for good. Streams
     # keep the x-first-death-* headers of a dead letter, not x-death.
-    reason_text = reason.decode() if isinstance(reason, bytes) else str(reason)
-    if reason_text == "expired":
+    reason_text = _text(reason)
+    if reason_text == "expired" and RETRY_QUEUE.search(_text(headers.get("x-first-death-queue"))):
         # Its first death was the end of a retry's wait in a delay queue
         # (service/broker.py); off the work queue, only the delivery limit
         # dead-letters a task that decodes.
@@ -301,6 +305,10 @@ def _decode(body: bytes, headers: dict[str, Any]) -> list[Event]:
         else event
         for event in events
     ]
+
+
+def _text(header: object) -> str:
+    return header.decode() if isinstance(header, bytes) else str(header or "")
 
 
 async def _first_of(*waits: Callable[[], Awaitable[object]]) -> None:

@@ -27,6 +27,10 @@ class InFlight:
     def __contains__(self, prediction_id: str) -> bool:
         return prediction_id in self._runs
 
+    def running(self, prediction_id: str) -> asyncio.Future[str] | None:
+        """The run kept for this id, to join without starting another."""
+        return self._runs.get(prediction_id)
+
     async def predict(self, prediction_id: str, input: str) -> tuple[str, bool]:
         """The model's answer, and whether it came from a run already kept here."""
         running = self._runs.get(prediction_id)

@@ -25,6 +25,7 @@ import asyncio
 import collections
 import logging
 import math
+import uuid
 from collections.abc import Awaitable, Callable
 
 import aio_pika.abc
@@ -69,11 +70,12 @@ class Intake:
         """Start consuming; from here on the intake follows the slots by itself."""
         self._slots.on_change = self._changed.set
         self._broker.on_reconnected.append(self._reconnected)
+        self._broker.tasks_channel.close_callbacks.add(self._channel_closed)
         if self._stopped:
             return
         await self._adjust()
         if self._stopped:  # stopped while the first consumer started
-            await self._cancel_current()
+            await self._retire_current()
             return
         self._regulating = asyncio.create_task(self._regulate())
 
@@ -86,7 +88,10 @@ class Intake:
         self._stopped = True
         if self._regulating is not None:
             self._regulating.cancel()
-        await self._cancel_current()
+            # Let it finish what it was doing: a consumer it was starting
+            # must be known, so that it is cancelled below.
+            await asyncio.gather(self._regulating, return_exceptions=True)
+        await self._retire_current()
 
     def delivered(self, message: MessageT, tasks: int) -> None:
         tag = message.consumer_tag or ""
@@ -140,9 +145,13 @@ class Intake:
                 # Down: aio-pika restores the consumer that was running. The
                 # pause keeps a channel that is being reopened from spinning this.
                 log.info("could not adjust the task consumer: %r", exc)
-                await asyncio.sleep(RETRY_PAUSE_S)
-                await self._broker.wait_up()
-                self._changed.set()
+            except Exception:
+                log.exception("could not adjust the task consumer")
+            else:
+                continue
+            await asyncio.sleep(RETRY_PAUSE_S)
+            await self._broker.wait_up()
+            self._changed.set()
 
     async def _adjust(self) -> None:
         wanted = self.wanted_prefetch()
@@ -156,24 +165,28 @@ class Intake:
 
     async def _start_consumer(self, prefetch: int) -> None:
         await self._broker.tasks_channel.set_qos(prefetch_count=prefetch)
-        self._tag = await self._broker.tasks_queue.consume(self._on_message)
-        self._prefetch = prefetch
+        # Named here and known before the broker answers, so that a stop
+        # in between still cancels it.
+        self._tag, self._prefetch = f"worker-{uuid.uuid4().hex}", prefetch
+        await self._broker.tasks_queue.consume(self._on_message, consumer_tag=self._tag)
         self.consumers_started += 1
 
     async def _retire_current(self) -> None:
-        """Cancel the exhausted current consumer, holding its settlements meanwhile."""
+        """Cancel the current consumer, holding its settlements until the broker confirms."""
         tag, self._tag = self._tag, None
         if tag is None:
             return
         cancelled = asyncio.get_running_loop().create_future()
         self._retiring[tag] = cancelled  # before any await: no settlement slips past
         try:
-            await self._broker.tasks_queue.cancel(tag)
+            # Shielded: a regulator cancelled meanwhile must not forget it.
+            await asyncio.shield(self._broker.tasks_queue.cancel(tag))
         finally:
             del self._retiring[tag]
             cancelled.set_result(None)
 
-    async def _cancel_current(self) -> None:
-        tag, self._tag = self._tag, None
-        if tag is not None:
-            await self._broker.tasks_queue.cancel(tag)
+    def _channel_closed(self, *_: object) -> None:
+        # The broker took every unsettled message back; counting them still
+        # would make a consumer look exhausted while it has credit.
+        self._counted.clear()
+        self._unsettled.clear()

@@ -36,6 +36,8 @@ def log_fatal(message: str) -> None:
 
 
 class BrokerSide:
+    """One per app, and one start: the lifespan of `python -m service` runs once."""
+
     def __init__(self, services: Services, on_fatal: OnFatal = log_fatal) -> None:
         self._services = services
         self.on_fatal = on_fatal  # `python -m service` points it at its server
@@ -82,13 +84,15 @@ class BrokerSide:
 
     async def _close(self) -> None:
         assert self._draining is not None
-        await self._draining
-        if self._running is not None:
-            self._running.cancel()
-            await asyncio.gather(self._running, return_exceptions=True)
         services = self._services
         try:
-            await services.store.close()
+            await self._draining
         finally:
-            await services.broker.close()
-            services.state_dir.release()
+            if self._running is not None:
+                self._running.cancel()
+                await asyncio.gather(self._running, return_exceptions=True)
+            try:
+                await services.store.close()
+            finally:
+                await services.broker.close()
+                services.state_dir.release()

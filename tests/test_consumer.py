@@ -192,11 +192,12 @@ async def test_a_batch_running_through_a_dropped_connection_ends_done_everywhere
 async def test_a_second_delivery_waits_for_the_run_in_flight() -> None:
     runs = InFlight(ModelRunner(predictors.counts_calls, concurrency=2))
     first = asyncio.ensure_future(runs.predict("id-1", "0.2"))
-    await asyncio.sleep(0.05)
-    assert "id-1" in runs
+    with anyio.fail_after(1):
+        while "id-1" not in runs:
+            await asyncio.sleep(0)
     # A waiter cancelled with its connection leaves the run going.
     cancelled = asyncio.ensure_future(runs.predict("id-1", "0.2"))
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # it joins the run, then is cancelled
     cancelled.cancel()
     assert await runs.predict("id-1", "0.2") == ("0.2", True)  # joined, not run again
     assert await first == ("0.2", False)

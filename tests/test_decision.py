@@ -6,6 +6,7 @@ import pytest
 
 from service.decision import (
     DELAY_LEVELS,
+    Decision,
     Known,
     NotRun,
     Policy,
@@ -14,6 +15,7 @@ from service.decision import (
     Record,
     Retry,
     Run,
+    Seen,
     Split,
     Take,
     decide,
@@ -30,8 +32,8 @@ def task(attempts: int = 0, last_error: str = "") -> Accepted:
     return Accepted("id-1", "text", 10.0, attempts=attempts, last_error=last_error)
 
 
-def decided(accepted: Accepted, crashes: int, seen: object, jitter: float = 0.5) -> object:
-    return decide(accepted, crashes, seen, POLICY, now_s=NOW_S, jitter=jitter)  # type: ignore[arg-type]
+def decided(accepted: Accepted, crashes: int, seen: Seen, jitter: float = 0.5) -> Decision:
+    return decide(accepted, crashes, seen, POLICY, now_s=NOW_S, jitter=jitter)
 
 
 def test_a_fresh_task_runs_as_its_first_attempt() -> None:
@@ -63,8 +65,8 @@ def test_a_known_outcome_is_recorded_again_and_never_rerun() -> None:
     done = Done("id-1", "text", "42", 5.0)
     assert decided(task(), 0, Known(done)) == Record(done)
     failed = Failed("id-1", "text", "boom", 5.0)
-    # A failure is dead-lettered again: the copy may never have been sent.
-    assert decided(task(attempts=5), 9, Known(failed)) == Record(failed, dead_letter=True)
+    # Its dead-letter copy went with the first record: not sent twice.
+    assert decided(task(attempts=5), 9, Known(failed)) == Record(failed)
 
 
 def test_a_run_that_answers_is_recorded_done() -> None:
@@ -86,6 +88,18 @@ def test_a_crash_before_a_failure_counts_toward_the_retry() -> None:
     decision = decided(task(), 1, Raised("x"))
     assert isinstance(decision, Retry)
     assert decision.task.attempts == 2
+
+
+def test_a_joined_run_that_fails_is_charged_once() -> None:
+    # The drop that brought the redelivery was this very run: the broker's
+    # count already holds it.
+    decision = decided(task(attempts=1), 1, Raised("x", joined=True))
+    assert isinstance(decision, Retry)
+    assert decision.task.attempts == 2
+    # Not joined, the same failure would be a third attempt.
+    assert decided(task(attempts=1), 1, Raised("x")) == Record(
+        Failed("id-1", "text", "x", NOW_S), dead_letter=True, attempts=3
+    )
 
 
 def test_the_last_attempt_failing_fails_for_good_and_dead_letters() -> None:
@@ -133,15 +147,27 @@ def test_no_backoff_retries_at_once() -> None:
 
 
 def test_a_message_delivered_for_the_first_time_is_taken() -> None:
-    assert on_delivery([task(), task()], 0) == Take(crashes=0)
+    assert on_delivery([task(), task()], 0, {}) == Take([(task(), 0), (task(), 0)])
 
 
 def test_a_lone_task_back_after_crashes_is_taken_with_its_crashes() -> None:
-    assert on_delivery([task()], 2) == Take(crashes=2)
+    assert on_delivery([task()], 2, {}) == Take([(task(), 2)])
+
+
+def test_a_return_known_to_be_no_run_is_not_a_crash() -> None:
+    # It waited for a slot here when its connection dropped.
+    assert on_delivery([task()], 2, {"id-1": 1}) == Take([(task(), 1)])
 
 
 def test_a_batch_back_after_a_crash_is_split_each_task_charged() -> None:
     first, second = Accepted("a", "x", 1.0), Accepted("b", "y", 1.0, attempts=1)
-    assert on_delivery([first, second], 1) == Split(
+    assert on_delivery([first, second], 1, {}) == Split(
         [Accepted("a", "x", 1.0, attempts=1), Accepted("b", "y", 1.0, attempts=2)]
+    )
+
+
+def test_a_batch_split_charges_none_for_a_return_known_to_be_no_run() -> None:
+    first, second = Accepted("a", "x", 1.0), Accepted("b", "y", 1.0)
+    assert on_delivery([first, second], 1, {"b": 1}) == Split(
+        [Accepted("a", "x", 1.0, attempts=1), Accepted("b", "y", 1.0, attempts=0)]
     )

@@ -124,3 +124,14 @@ async def test_each_failed_attempt_is_logged_with_its_error_and_traceback(
     assert debug.exc_info is not None
     assert isinstance(debug.exc_info[1], ConnectionError)
     assert getattr(debug, "prediction_id", None) == prediction_id
+
+
+async def test_no_backoff_retries_at_once(rabbitmq_url: str) -> None:
+    settings = settings_for_test(rabbitmq_url, predictor=FLAKY, retry_backoff_s=0)
+    async with live_app(settings) as live:
+        prediction_id = await submit_async(live.client, "at once")
+        response = await wait_finished(live.client, prediction_id)
+        assert response.status_code == 200, response.text
+        assert response.json()["output"]["result"] == "2"
+        delayed = 'broker_messages_published_total{routing_key="delay"}'
+        assert await metric(live.client, delayed) == 0
