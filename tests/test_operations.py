@@ -94,18 +94,23 @@ def _cpu_seconds(pid: int) -> float:
 
 
 async def test_a_thousand_long_polls_wait_without_burning_cpu(rabbitmq_url: str) -> None:
-    settings = settings_for_test(rabbitmq_url, model_delay_min_s=10, model_delay_max_s=10)
+    # The model's 15 s leave the polls time to open (1,000 connections from
+    # one httpx client take several seconds on a busy 2-core machine).
+    settings = settings_for_test(
+        rabbitmq_url, model_delay_min_s=15, model_delay_max_s=15, max_wait_s=30
+    )
     service = ServiceProcess(settings, LOG_LEVEL="WARNING")
     await service.start()
+    polls: list[asyncio.Task[httpx.Response]] = []
     try:
         limits = httpx.Limits(max_connections=1000)
         async with httpx.AsyncClient(
-            base_url=service.base_url, limits=limits, timeout=30
+            base_url=service.base_url, limits=limits, timeout=40
         ) as client:
             prediction_id = await submit_async(client, "watched")
             polls = [
                 asyncio.create_task(
-                    client.get(f"/predict/{prediction_id}", headers={"Prefer": "wait=20"})
+                    client.get(f"/predict/{prediction_id}", headers={"Prefer": "wait=30"})
                 )
                 for _ in range(1000)
             ]
@@ -118,12 +123,16 @@ async def test_a_thousand_long_polls_wait_without_burning_cpu(rabbitmq_url: str)
         assert idle_cpu_s < 0.1
         assert {r.status_code for r in responses} == {200}
     finally:
+        # On a failure, the polls must not outlive this test (and fail the next).
+        for poll in polls:
+            poll.cancel()
+        await asyncio.gather(*polls, return_exceptions=True)
         await service.stop()
 
 
 async def _wait_for_metric(base_url: str, line: str) -> None:
     async with httpx.AsyncClient(base_url=base_url) as client:
-        with anyio.fail_after(8):
+        with anyio.fail_after(13):
             while line not in (await client.get("/metrics")).text:
                 await asyncio.sleep(0.1)
 
