@@ -46,6 +46,7 @@ from service.decision import (
     Seen,
     Split,
     Take,
+    admit,
     charge,
     decide,
     on_delivery,
@@ -55,7 +56,7 @@ from service.intake import Intake
 from service.journal import Journal, outcome_of
 from service.metrics import Metrics
 from service.model import ModelError, ModelRunner
-from service.schemas import Accepted, Envelope, Failed, TaskBatch, task_decoder
+from service.schemas import Accepted, Envelope, Failed, TaskBatch, batched, task_decoder
 from service.slots import ModelSlots, SlotsClosed
 from service.store import Prediction, StateUnavailable
 
@@ -166,26 +167,40 @@ class TaskWorker:
         # waiting for a slot when their message's connection dropped.
         not_started = {t.prediction_id: self._not_started.pop(t.prediction_id, 0) for t in tasks}
         plan = on_delivery(tasks, _redeliveries(message), not_started)
+        kept, bounced = ([], []) if isinstance(plan, Split) else admit(plan, self._slots.free)
         # Counted at once, so that the intake asks for no more than the slots left.
-        kept = [] if isinstance(plan, Split) else tasks
         self._slots.reserve(len(kept))
         self.intake.delivered(message, len(tasks))
         try:
-            await self._take_tasks(message, plan)
+            await self._take_tasks(message, plan, kept, bounced)
         except DeliveryLost:
             self.intake.lost(message)  # the broker has it back; nothing to settle
         else:
             await self._settle(message)
 
-    async def _take_tasks(self, message: MessageT, plan: Take | Split) -> None:
+    async def _take_tasks(
+        self,
+        message: MessageT,
+        plan: Take | Split,
+        kept: list[tuple[Accepted, int]],
+        bounced: list[Accepted],
+    ) -> None:
         if isinstance(plan, Split):
             await self._put_back(plan.tasks, RETRY_KEY, message)
             self._metrics.put_back_redelivered.inc(len(plan.tasks))
             return
+        if bounced:
+            try:
+                await self._put_back([batched(bounced)], RETRY_KEY, message)
+            except BaseException:
+                for _ in kept:
+                    self._slots.unreserve()
+                raise
+            self._metrics.put_back_busy.inc(len(bounced))
         # Every task runs to its end before the message is settled: one
         # task's lost delivery must not settle the message under the others.
         ends = await asyncio.gather(
-            *(self._handle_task(task, crashes, message) for task, crashes in plan.tasks),
+            *(self._handle_task(task, crashes, message) for task, crashes in kept),
             return_exceptions=True,
         )
         for end in ends:

@@ -183,6 +183,26 @@ def on_delivery(
     return Take(list(zip(tasks, crashes, strict=True)))
 
 
+def admit(plan: Take, free_slots: int) -> tuple[list[tuple[Accepted, int]], list[Accepted]]:
+    """The tasks to keep here, and those to put back at once, marked bounced.
+
+    Tasks beyond the free slots go back for a replica with room, each with
+    its count, unless they went back so once already: those wait here in
+    line. So a batch does not queue behind this replica's model while
+    another replica idles, and no task is put back more than once for want
+    of a slot (a full replica's consumer may well take it straight back).
+    """
+    free = max(free_slots, 0)
+    kept, bounced = list(plan.tasks[:free]), []
+    for task, crashes in plan.tasks[free:]:
+        if task.bounced:
+            kept.append((task, crashes))
+        else:
+            spent = task.attempts + crashes
+            bounced.append(msgspec.structs.replace(task, attempts=spent, bounced=True))
+    return kept, bounced
+
+
 def charge(task: Accepted, spent: int) -> Accepted:
     return msgspec.structs.replace(task, attempts=spent)
 

@@ -78,6 +78,7 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.put_back_busy = self.put_back.labels("busy")
         self.put_back_stopping = self.put_back.labels("stopping")
         self.put_back_failed = self.put_back.labels("model_failed")
         self.put_back_redelivered = self.put_back.labels("redelivered")

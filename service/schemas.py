@@ -61,6 +61,9 @@ class Accepted(msgspec.Struct, tag="accepted", tag_field="kind", gc=False, omit_
     at_s: float = 0.0
     attempts: int = 0
     last_error: str = ""
+    # Put back once already for want of a free model slot: next time it
+    # waits in line for one, so that no task circulates more than once.
+    bounced: bool = False
 
 
 class Done(msgspec.Struct, tag="done", tag_field="kind", gc=False):

@@ -126,7 +126,7 @@ async def test_publish_batch_max_1_sends_every_task_alone(rabbitmq_url: str) -> 
         assert await metric(live.client, published) == count
 
 
-async def test_a_batch_beyond_the_free_model_slots_waits_here_in_line(
+async def test_a_batch_beyond_the_free_model_slots_is_partly_put_back_once(
     rabbitmq_url: str,
 ) -> None:
     settings = settings_for_test(
@@ -144,15 +144,31 @@ async def test_a_batch_beyond_the_free_model_slots_waits_here_in_line(
             response = await wait_finished(live.client, prediction_id)
             assert response.status_code == 200
             assert response.json()["output"]["result"] == text
-        # Two slots: two run at a time, the other four wait their turn here,
-        # in the order of the batch; none goes back to the broker, where it
-        # would come straight back to this replica's consumer.
+        # Two slots: the first delivery keeps two tasks and puts the other
+        # four back at once, as one message, for whichever replica has room.
+        # Back here, they wait in line rather than go round again.
         assert most_running == 2
-        assert list(predictors.calls) == inputs
-        assert await metric_total(live.client, "tasks_put_back_total") == 0
+        assert await metric(live.client, 'tasks_put_back_total{reason="busy"}') == 4
         put_back = 'broker_messages_published_total{routing_key="retry"}'
-        assert await metric(live.client, put_back) == 0
+        assert await metric(live.client, put_back) == 1
+        # Putting back never runs a task twice.
         assert predictors.calls == dict.fromkeys(inputs, 1)
+
+
+async def test_tasks_sent_together_do_not_wait_behind_a_long_one_while_a_replica_idles(
+    rabbitmq_url: str,
+) -> None:
+    settings = settings_for_test(
+        rabbitmq_url, predictor="tests.predictors:sleeps_as_told", model_concurrency=1
+    )
+    async with live_app(settings) as first, live_app(settings.with_changes(port=free_port())):
+        long, *short = await _publish_batch(settings, ["8", "0.1", "0.1", "0.1"])
+        with anyio.fail_after(6):  # well before the long one ends
+            for prediction_id in short:
+                response = await wait_finished(first.client, prediction_id)
+                assert response.status_code == 200, response.text
+        assert (await first.client.get(f"/predict/{long}")).status_code == 400
+        assert (await wait_finished(first.client, long)).status_code == 200
 
 
 async def test_a_task_that_fails_in_a_batch_fails_alone(rabbitmq_url: str) -> None:

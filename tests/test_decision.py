@@ -18,6 +18,7 @@ from service.decision import (
     Seen,
     Split,
     Take,
+    admit,
     decide,
     on_delivery,
     retry_delay_s,
@@ -171,3 +172,19 @@ def test_a_batch_split_charges_none_for_a_return_known_to_be_no_run() -> None:
     assert on_delivery([first, second], 1, {"b": 1}) == Split(
         [Accepted("a", "x", 1.0, attempts=1), Accepted("b", "y", 1.0, attempts=0)]
     )
+
+
+def test_tasks_beyond_the_free_slots_go_back_once_with_their_count() -> None:
+    first, second, third = (Accepted(name, "x", 1.0) for name in "abc")
+    kept, bounced = admit(Take([(first, 0), (second, 1), (third, 0)]), free_slots=1)
+    assert kept == [(first, 0)]
+    assert bounced == [
+        Accepted("b", "x", 1.0, attempts=1, bounced=True),
+        Accepted("c", "x", 1.0, bounced=True),
+    ]
+
+
+def test_a_task_that_went_back_once_waits_in_line() -> None:
+    waited = Accepted("a", "x", 1.0, bounced=True)
+    assert admit(Take([(waited, 0)]), free_slots=0) == ([(waited, 0)], [])
+    assert admit(Take([(waited, 0)]), free_slots=-2) == ([(waited, 0)], [])
