@@ -69,8 +69,8 @@ class Intake:
     async def start(self) -> None:
         """Start consuming; from here on the intake follows the slots by itself."""
         self._slots.on_change = self._changed.set
-        self._broker.on_reconnected.append(self._reconnected)
-        self._broker.tasks_channel.close_callbacks.add(self._channel_closed)
+        self._broker.on_reconnected.append(self._forget_unsettled)
+        self._broker.tasks_channel.close_callbacks.add(self._forget_unsettled)
         if self._stopped:
             return
         await self._adjust()
@@ -120,13 +120,6 @@ class Intake:
         self._unsettled[tag] -= 1
         if self._unsettled[tag] <= 0:
             del self._unsettled[tag]
-        self._changed.set()
-
-    def _reconnected(self) -> None:
-        # The broker took every unsettled message back when the connection
-        # dropped, and aio-pika restored the consumer with all its credit.
-        self._counted.clear()
-        self._unsettled.clear()
         self._changed.set()
 
     def wanted_prefetch(self) -> int:
@@ -185,8 +178,10 @@ class Intake:
             del self._retiring[tag]
             cancelled.set_result(None)
 
-    def _channel_closed(self, *_: object) -> None:
-        # The broker took every unsettled message back; counting them still
-        # would make a consumer look exhausted while it has credit.
+    def _forget_unsettled(self, *_: object) -> None:
+        # The task channel closed, or the connection came back: the broker
+        # took every unsettled message back, and counting them still would
+        # make a consumer look exhausted while it has credit. (Counting too
+        # few is safe: it only delays retiring a consumer.)
         self._counted.clear()
         self._unsettled.clear()

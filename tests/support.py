@@ -23,9 +23,9 @@ import uvicorn
 from starlette.applications import Starlette
 
 from service.app import create_app
-from service.broker import EVENT_KEY, Names, connection_prefix
+from service.broker import EVENT_KEY, TASK_KEY, Names, connection_prefix
 from service.http.protocol import UVICORN_OPTIONS
-from service.schemas import json_encoder
+from service.schemas import Accepted, TaskBatch, json_encoder
 from service.services import Services
 from service.settings import Settings
 
@@ -196,6 +196,19 @@ async def metric(client: httpx.AsyncClient, series: str) -> float:
     text = (await client.get("/metrics")).text
     match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
+
+
+async def publish_tasks(settings: Settings, envelope: Accepted | TaskBatch) -> None:
+    """Publish a task (or a batch) as a replica's outbox does: to the stream and the work queue."""
+    connection = await aio_pika.connect(settings.rabbitmq_url, timeout=5)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        names = Names.for_namespace(settings.broker_namespace)
+        exchange = await channel.get_exchange(names.exchange)
+        message = aio_pika.Message(
+            json_encoder.encode(envelope), delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+        )
+        await exchange.publish(message, TASK_KEY)
 
 
 async def metric_total(client: httpx.AsyncClient, name: str) -> float:

@@ -18,8 +18,8 @@ import anyio
 import httpx
 import pytest
 
-from service.broker import TASK_KEY, Names
-from service.schemas import Accepted, TaskBatch, json_encoder
+from service.broker import Names
+from service.schemas import Accepted, TaskBatch
 from service.settings import Settings
 from tests import predictors
 from tests.nodes import Node
@@ -31,6 +31,7 @@ from tests.support import (
     live_app,
     metric,
     metric_total,
+    publish_tasks,
     settings_for_test,
     submit_async,
     wait_finished,
@@ -40,15 +41,7 @@ from tests.support import (
 async def _publish_batch(settings: Settings, inputs: list[str]) -> list[str]:
     """Publish one batch of tasks as a replica's outbox does; their ids."""
     tasks = [Accepted(str(uuid.uuid4()), text, 1e10) for text in inputs]
-    connection = await aio_pika.connect(settings.rabbitmq_url, timeout=5)
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        names = Names.for_namespace(settings.broker_namespace)
-        exchange = await channel.get_exchange(names.exchange)
-        body = json_encoder.encode(TaskBatch(tasks))
-        await exchange.publish(
-            aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT), TASK_KEY
-        )
+    await publish_tasks(settings, TaskBatch(tasks))
     return [task.prediction_id for task in tasks]
 
 

@@ -10,10 +10,10 @@ import uuid
 import aio_pika
 import anyio
 
-from service.broker import TASK_KEY, Names
+from service.broker import Names
 from service.inflight import InFlight
 from service.model import ModelRunner
-from service.schemas import Accepted, TaskBatch, json_encoder
+from service.schemas import Accepted, TaskBatch
 from service.settings import Settings
 from tests import predictors
 from tests.support import (
@@ -22,6 +22,7 @@ from tests.support import (
     dead_letters,
     free_port,
     live_app,
+    publish_tasks,
     settings_for_test,
     submit_async,
     wait_finished,
@@ -78,19 +79,6 @@ async def test_a_transient_model_failure_is_retried(rabbitmq_url: str) -> None:
         assert response.json()["output"]["result"] == "2"
 
 
-async def _publish_task(settings: Settings, task: Accepted | TaskBatch) -> None:
-    """Publish a task (or a batch) as a replica's outbox does: to the stream and the work queue."""
-    connection = await aio_pika.connect(settings.rabbitmq_url, timeout=5)
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        names = Names.for_namespace(settings.broker_namespace)
-        exchange = await channel.get_exchange(names.exchange)
-        message = aio_pika.Message(
-            json_encoder.encode(task), delivery_mode=aio_pika.DeliveryMode.PERSISTENT
-        )
-        await exchange.publish(message, TASK_KEY)
-
-
 async def _drop_the_connection_mid_run(live: LiveApp, prediction_id: str, text: str) -> None:
     """Wait until the model runs `text`, then have the broker drop the connection."""
     with anyio.fail_after(5):
@@ -124,7 +112,7 @@ async def test_the_redelivery_of_a_running_task_is_not_a_new_attempt(rabbitmq_ur
         # its last; the redelivery after the drop must take its answer, not
         # count a fourth attempt and fail it.
         task = Accepted(str(uuid.uuid4()), "4.0", 1e10, attempts=2)
-        await _publish_task(live.settings, task)
+        await publish_tasks(live.settings, task)
         await _drop_the_connection_mid_run(live, task.prediction_id, "4.0")
         response = await wait_finished(live.client, task.prediction_id)
         assert response.status_code == 200, response.text
@@ -169,7 +157,7 @@ async def test_a_batch_running_through_a_dropped_connection_ends_done_everywhere
     inputs = [f"3.{i:02d}" for i in range(10)]
     tasks = [Accepted(str(uuid.uuid4()), text, 1e10) for text in inputs]
     async with live_app(settings) as live:
-        await _publish_task(settings, TaskBatch(tasks))
+        await publish_tasks(settings, TaskBatch(tasks))
         with anyio.fail_after(5):
             while any(predictors.calls.get(text) != 1 for text in inputs):
                 await asyncio.sleep(0.01)

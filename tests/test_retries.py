@@ -7,38 +7,23 @@ import json
 import logging
 import uuid
 
-import aio_pika
 import anyio
 import pytest
 
-from service.broker import TASK_KEY, Names
-from service.schemas import Accepted, TaskBatch, json_encoder
-from service.settings import Settings
+from service.schemas import Accepted, TaskBatch
 from tests import predictors
 from tests.support import (
     dead_letters,
     free_port,
     live_app,
     metric,
+    publish_tasks,
     settings_for_test,
     submit_async,
     wait_finished,
 )
 
 FLAKY = "tests.predictors:fails_first_time"
-
-
-async def _publish(settings: Settings, envelope: Accepted | TaskBatch) -> None:
-    """As a replica's outbox does: one message to the stream and the work queue."""
-    connection = await aio_pika.connect(settings.rabbitmq_url, timeout=5)
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        names = Names.for_namespace(settings.broker_namespace)
-        exchange = await channel.get_exchange(names.exchange)
-        body = json_encoder.encode(envelope)
-        await exchange.publish(
-            aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT), TASK_KEY
-        )
 
 
 async def _until_called(text: str, times: int) -> None:
@@ -96,7 +81,7 @@ async def test_a_task_that_always_fails_runs_exactly_max_attempts_times(
     async with live_app(settings) as live:
         alone = await submit_async(live.client, "alone")
         batch = [Accepted(str(uuid.uuid4()), f"in a batch {i}", 1e10) for i in range(3)]
-        await _publish(settings, TaskBatch(batch))
+        await publish_tasks(settings, TaskBatch(batch))
         for prediction_id in [alone, *(task.prediction_id for task in batch)]:
             response = await wait_finished(live.client, prediction_id)
             assert response.status_code == 500
