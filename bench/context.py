@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # What `--only` can pick; items 1 and 2 of the issue are "get" and "post".
-NAMES = ("get", "post", "pipeline", "capacity", "memory", "state")
+NAMES = ("get", "post", "pipeline", "capacity", "memory", "state", "line")
 
 
 @dataclass(frozen=True)
