@@ -40,10 +40,11 @@ import sqlite3
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the lifecycle columns (started, attempts, canceled, token)
 PAGE_BYTES = 4096  # at 1M rows, 16 KiB pages wrote 20 % slower (each commit rewrites index pages)
 CACHE_KIB = 8192  # SQLite's page cache, per connection
 WAL_PAGES = 10_000  # fold the WAL into the file every ~40 MB: fewer, larger checkpoints
@@ -63,31 +64,50 @@ CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE predictions (
     id TEXT PRIMARY KEY,
     updated_at_s REAL NOT NULL,
-    created_at_s REAL NOT NULL,  -- never updated: rowids follow it
+    created_at_s REAL NOT NULL,  -- rowids follow it (a reused idempotency key aside)
     result TEXT,
     error TEXT,
+    started_at_s REAL NOT NULL,  -- 0: no run began
+    attempts INTEGER NOT NULL,
+    canceled INTEGER NOT NULL,
+    token TEXT NOT NULL,  -- a keyed submit's "nonce fingerprint"; an outcome keeps it
     input_bytes INTEGER NOT NULL,
     crc INTEGER NOT NULL,
     input TEXT NOT NULL
 );
 """
+_SMALL_COLUMNS = (
+    "updated_at_s, result, error, created_at_s, started_at_s, attempts, canceled, token"
+)
 _HEAD = (
-    "SELECT updated_at_s, result, error, crc, CASE WHEN input_bytes <= ? THEN input END"
+    f"SELECT {_SMALL_COLUMNS}, crc, CASE WHEN input_bytes <= ? THEN input END"
     " FROM predictions WHERE id = ?"
 )
-_FULL = "SELECT updated_at_s, result, error, crc, input FROM predictions WHERE id = ?"
-_COLUMNS = "id, updated_at_s, created_at_s, result, error, input_bytes, crc, input"
+_FULL = f"SELECT {_SMALL_COLUMNS}, crc, input FROM predictions WHERE id = ?"
+_COLUMNS = (
+    "id, updated_at_s, created_at_s, result, error, started_at_s, attempts, canceled, token,"
+    " input_bytes, crc, input"
+)
 _ON_CONFLICT = """
 ON CONFLICT (id) DO UPDATE SET
     updated_at_s = excluded.updated_at_s, result = excluded.result, error = excluded.error,
-    input_bytes = excluded.input_bytes, crc = excluded.crc, input = excluded.input
+    started_at_s = excluded.started_at_s, attempts = excluded.attempts,
+    canceled = excluded.canceled, input_bytes = excluded.input_bytes, crc = excluded.crc,
+    input = excluded.input, created_at_s = excluded.created_at_s,
+    token = CASE WHEN excluded.token = '' THEN token ELSE excluded.token END
 """
-_UPSERT = f"INSERT INTO predictions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) {_ON_CONFLICT}"
-# Each row a JSON array [id, at, result, error, input_bytes, crc, input]; the
-# WHERE makes SQLite parse ON CONFLICT as the upsert's, not the join's.
+_UPSERT = f"INSERT INTO predictions ({_COLUMNS}) VALUES ({', '.join('?' * 12)}) {_ON_CONFLICT}"
+# Each row a JSON array of the parameters, in _COLUMNS order; the WHERE
+# makes SQLite parse ON CONFLICT as the upsert's, not the join's.
 _BULK_UPSERT = (
-    f"INSERT INTO predictions ({_COLUMNS}) SELECT value->>0, value->>1, value->>1, value->>2,"
-    f" value->>3, value->>4, value->>5, value->>6 FROM json_each(?) WHERE true {_ON_CONFLICT}"
+    f"INSERT INTO predictions ({_COLUMNS}) SELECT "
+    + ", ".join(f"value->>{i}" for i in range(12))
+    + f" FROM json_each(?) WHERE true {_ON_CONFLICT}"
+)
+# A run began: only a row still pending takes it (an outcome holds its own).
+_PROGRESS = (
+    "UPDATE predictions SET started_at_s = ?, attempts = ? WHERE id = ?"
+    " AND result IS NULL AND error IS NULL AND NOT canceled"
 )
 _OLDEST = (
     "SELECT rowid, updated_at_s, created_at_s FROM predictions WHERE rowid > ?"
@@ -121,17 +141,30 @@ class Position(msgspec.Struct, frozen=True):
 
 
 class Row(msgspec.Struct, frozen=True, gc=False):
-    """What the disk keeps of one prediction; pending while result and error are None."""
+    """What the disk keeps of one prediction; pending until it has an outcome."""
 
     prediction_id: str
     updated_at_s: float
     input: str
     result: str | None = None
     error: str | None = None
+    created_at_s: float = 0.0  # 0: updated_at_s (written once, by the first write)
+    started_at_s: float = 0.0
+    attempts: int = 0
+    canceled: bool = False
+    token: str = ""
 
     @property
     def finished(self) -> bool:
-        return self.result is not None or self.error is not None
+        return self.result is not None or self.error is not None or self.canceled
+
+
+class Progress(msgspec.Struct, frozen=True, gc=False):
+    """A run began for a pending prediction whose row may be on disk already."""
+
+    prediction_id: str
+    started_at_s: float
+    attempts: int
 
 
 class LargeInput(msgspec.Struct, frozen=True):
@@ -180,34 +213,36 @@ class DiskStore:
 
     def head(self, prediction_id: str) -> Head:
         """The row, on the event loop; `LargeInput` if its input must be read in a thread."""
-        row = self._loop_reader.execute(_HEAD, (INLINE_INPUT_MAX_BYTES, prediction_id)).fetchone()
+        found = self._loop_reader.execute(_HEAD, (INLINE_INPUT_MAX_BYTES, prediction_id))
+        row = found.fetchone()
         if row is None:
             return None
-        updated_at_s, result, error, crc, text = row
-        if result is None and error is None:
-            return Row(prediction_id, updated_at_s, "")  # pending: nobody reads its input here
+        *small, crc, text = row
+        pending = _row(prediction_id, small, "")
+        if not pending.finished:
+            return pending  # its input is read only for a status (`read`)
         if text is None:
             return LargeInput()
-        return _checked(Row(prediction_id, updated_at_s, text, result, error), crc)
+        return _checked(_row(prediction_id, small, text), crc)
 
     def read(self, prediction_id: str) -> Row | None:
         """The whole row (in a thread: its input may be large)."""
         row = self._thread_reader.execute(_FULL, (prediction_id,)).fetchone()
         if row is None:
             return None
-        updated_at_s, result, error, crc, text = row
-        return _checked(Row(prediction_id, updated_at_s, text, result, error), crc)
+        *small, crc, text = row
+        return _checked(_row(prediction_id, small, text), crc)
 
     def checkpoint(self) -> Position | None:
         """The last stream message whose events are all in this file."""
         row = self._writer.execute("SELECT value FROM meta WHERE key = 'position'").fetchone()
         return None if row is None else _position_decoder.decode(row[0])
 
-    def pending(self, since_s: float) -> list[tuple[str, float]]:
-        """(id, accepted at) of the predictions with no outcome, oldest first."""
-        rows = self._writer.execute(
-            "SELECT id, updated_at_s FROM predictions"
-            " WHERE result IS NULL AND error IS NULL AND updated_at_s >= ?",
+    def pending(self, since_s: float) -> list[PendingRow]:
+        """The predictions with no outcome, oldest first."""
+        rows: list[PendingRow] = self._writer.execute(
+            "SELECT id, updated_at_s, started_at_s, attempts, token FROM predictions"
+            " WHERE result IS NULL AND error IS NULL AND NOT canceled AND updated_at_s >= ?",
             (since_s,),
         ).fetchall()
         rows.sort(key=lambda row: row[1])
@@ -219,8 +254,14 @@ class DiskStore:
 
     # -- writes (the writer's thread) ----------------------------------------
 
-    def write(self, rows: Iterable[Row], offset: int | None, body: bytes) -> None:
-        """Rows and the position they bring the file to, in one transaction."""
+    def write(
+        self,
+        rows: Iterable[Row],
+        offset: int | None,
+        body: bytes,
+        progress: Iterable[Progress] = (),
+    ) -> None:
+        """Rows, runs begun, and the position they bring the file to, in one transaction."""
         bulk: list[Params] = []
         one_by_one: list[Params] = []
         for row in rows:
@@ -235,7 +276,10 @@ class DiskStore:
                 chunk = _rows_encoder.encode(bulk[start : start + BULK_ROWS])
                 self._writer.execute(_BULK_UPSERT, (chunk,))
             if one_by_one:
-                self._writer.executemany(_UPSERT, _with_created(one_by_one))
+                self._writer.executemany(_UPSERT, one_by_one)
+            self._writer.executemany(
+                _PROGRESS, ((p.started_at_s, p.attempts, p.prediction_id) for p in progress)
+            )
             if offset is not None:
                 position = Position.of(offset, body)
                 self._writer.execute(
@@ -345,13 +389,34 @@ def _remove(path: Path) -> None:
 
 
 def _fields(row: Row) -> bytes:
-    # Every field a client reads, as JSON, so None and "" differ: a flipped
-    # byte anywhere changes the checksum. (Not the time: a float may come
-    # back from SQLite's JSON parsing an ulp away, and no answer shows it.)
-    return _fields_encoder.encode((row.prediction_id, row.result, row.error, row.input))
+    # The fields a client reads that a row keeps from its first write, as
+    # JSON, so None and "" differ: a flipped byte anywhere changes the
+    # checksum. (Not the times: a float may come back from SQLite's JSON
+    # parsing an ulp away. Not attempts: a run beginning updates it alone.)
+    return _fields_encoder.encode(
+        (row.prediction_id, row.result, row.error, row.canceled, row.input)
+    )
 
 
-Params = tuple[str, float, str | None, str | None, int, int, str]
+def _row(prediction_id: str, small: list[Any], text: str) -> Row:
+    updated_at_s, result, error, created_at_s, started_at_s, attempts, canceled, token = small
+    return Row(
+        prediction_id,
+        updated_at_s,
+        text,
+        result,
+        error,
+        created_at_s,
+        started_at_s,
+        attempts,
+        bool(canceled),
+        token,
+    )
+
+
+# id, accepted at, run started at, attempts, token
+PendingRow = tuple[str, float, float, int, str]
+Params = tuple[str, float, float, str | None, str | None, float, int, int, str, int, int, str]
 
 
 def _as_params(row: Row) -> tuple[Params, bool]:
@@ -367,8 +432,13 @@ def _as_params(row: Row) -> tuple[Params, bool]:
     params = (
         row.prediction_id,
         row.updated_at_s,
+        row.created_at_s or row.updated_at_s,
         row.result,
         row.error,
+        row.started_at_s,
+        row.attempts,
+        int(row.canceled),
+        row.token,
         input_bytes,
         zlib.crc32(fields),
         text,
@@ -380,11 +450,6 @@ def _as_params(row: Row) -> tuple[Params, bool]:
 
 def _key(params: Params) -> str:
     return params[0]
-
-
-def _with_created(params: Iterable[Params]) -> Iterable[tuple[object, ...]]:
-    for prediction_id, at_s, *rest in params:
-        yield (prediction_id, at_s, at_s, *rest)
 
 
 def _checked(row: Row, crc: int) -> Row:

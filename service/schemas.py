@@ -11,7 +11,7 @@ different versions can read each other's events during a rolling deploy.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import cast
+from typing import Literal, cast
 
 import msgspec
 
@@ -45,6 +45,24 @@ class StatusResponse(msgspec.Struct):
     status: str
 
 
+Status = Literal["queued", "processing", "succeeded", "failed", "canceled"]
+
+
+class PredictionStatus(msgspec.Struct):
+    """GET /predict/{id}/status: the whole story of a prediction, as the log tells it."""
+
+    prediction_id: str
+    status: Status
+    input: str
+    result: str | None
+    error: str | None
+    created_at: str  # RFC 3339 UTC with milliseconds
+    started_at: str | None
+    completed_at: str | None
+    attempts: int
+    queued_ahead: int | None
+
+
 # -- Broker events ----------------------------------------------------------
 
 
@@ -64,6 +82,21 @@ class Accepted(msgspec.Struct, tag="accepted", tag_field="kind", gc=False, omit_
     # Put back once already for want of a free model slot: next time it
     # waits in line for one, so that no task circulates more than once.
     bounced: bool = False
+    # Set on a submit with an Idempotency-Key (service/http/idempotency.py),
+    # whose prediction id comes from the key: several replicas may publish
+    # the same id, and the first on the stream wins. `nonce` tells the
+    # winner's task from the others; `fingerprint` is the request's, to
+    # answer 422 to the same key with another body.
+    nonce: str = ""
+    fingerprint: str = ""
+
+
+class Started(msgspec.Struct, tag="started", tag_field="kind", gc=False):
+    """A worker began a model run of a prediction: its attempt number `attempt`."""
+
+    prediction_id: str
+    attempt: int
+    at_s: float = 0.0
 
 
 class Done(msgspec.Struct, tag="done", tag_field="kind", gc=False):
@@ -71,12 +104,25 @@ class Done(msgspec.Struct, tag="done", tag_field="kind", gc=False):
     input: str
     result: str
     at_s: float = 0.0
+    # The run that gave it: when it began, and model runs started in all.
+    started_at_s: float = 0.0
+    attempts: int = 0
 
 
 class Failed(msgspec.Struct, tag="failed", tag_field="kind", gc=False):
     prediction_id: str
     input: str
     error: str
+    at_s: float = 0.0
+    started_at_s: float = 0.0  # 0: no run began (the broker gave up on the task)
+    attempts: int = 0
+
+
+class Canceled(msgspec.Struct, tag="canceled", tag_field="kind", gc=False):
+    """A client canceled the prediction: an outcome like the others, the first one wins."""
+
+    prediction_id: str
+    input: str
     at_s: float = 0.0
 
 
@@ -101,11 +147,23 @@ class OutcomeBatch(msgspec.Struct, tag="outcomes", tag_field="kind", gc=False):
     outcomes: list[Done | Failed]
 
 
-Outcome = Done | Failed
-Event = Accepted | Done | Failed | Marker
+Outcome = Done | Failed | Canceled
+Event = Accepted | Started | Done | Failed | Canceled | Marker
+
+
+class EventBatch(msgspec.Struct, tag="events", tag_field="kind", gc=False):
+    """Events of several kinds published together (starts beside outcomes, most often).
+
+    A batch of only tasks or only Done/Failed keeps its older, narrower
+    envelope, which replicas of the previous version can still read.
+    """
+
+    events: list[Event]
+
+
 # What one broker message carries: an event, or a batch of events made together.
 # ("message" alone means the broker's message, as aio-pika hands it over.)
-Envelope = Event | TaskBatch | OutcomeBatch
+Envelope = Event | TaskBatch | OutcomeBatch | EventBatch
 
 json_encoder = msgspec.json.Encoder()
 request_decoder = msgspec.json.Decoder(PredictRequest)
@@ -120,8 +178,11 @@ def batched(events: Sequence[Event]) -> Envelope:
     if all(isinstance(event, Accepted) for event in events):
         return TaskBatch(list(cast(Sequence[Accepted], events)))
     if all(isinstance(event, Done | Failed) for event in events):
-        return OutcomeBatch(list(cast(Sequence[Outcome], events)))
-    raise ValueError("a batch holds tasks or outcomes, not both")
+        return OutcomeBatch(list(cast(Sequence[Done | Failed], events)))
+    if any(isinstance(event, Accepted) for event in events):
+        # Tasks go to the work queue as well: never mixed with other events.
+        raise ValueError("a batch holds tasks or other events, not both")
+    return EventBatch(list(events))
 
 
 def events_of(envelope: Envelope) -> list[Event]:
@@ -129,6 +190,8 @@ def events_of(envelope: Envelope) -> list[Event]:
         return list(envelope.tasks)
     if isinstance(envelope, OutcomeBatch):
         return list(envelope.outcomes)
+    if isinstance(envelope, EventBatch):
+        return envelope.events
     return [envelope]
 
 
@@ -137,4 +200,6 @@ def event_count(envelope: Envelope) -> int:
         return len(envelope.tasks)
     if isinstance(envelope, OutcomeBatch):
         return len(envelope.outcomes)
+    if isinstance(envelope, EventBatch):
+        return len(envelope.events)
     return 1

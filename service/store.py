@@ -31,18 +31,29 @@ import anyio
 import anyio.to_thread
 import msgspec
 
-from service.disk import Corrupt, DiskStore, Identity, LargeInput, Position, Row
+from service.disk import (
+    Corrupt,
+    DiskStore,
+    Identity,
+    LargeInput,
+    PendingRow,
+    Position,
+    Progress,
+    Row,
+)
 from service.hot import HotCache, Prediction
-from service.schemas import Accepted, Done, Event, Failed, Marker
+from service.line import Line
+from service.schemas import Accepted, Canceled, Done, Event, Marker, Outcome, Started
 from service.writeback import WriteBehind
 
 __all__ = ["Pending", "Prediction", "ResultStore", "StateUnavailable"]
 
 log = logging.getLogger(__name__)
 
-# A pending stub: its id string, the struct, its float, an OrderedDict slot
-# (232 B measured with tracemalloc).
-PENDING_ENTRY_BYTES = 240
+# A pending stub: its id string, the struct, its float, an OrderedDict slot,
+# and its place in the line of queued ones (service/line.py): 319 B
+# measured with tracemalloc (232 B before the lifecycle).
+PENDING_ENTRY_BYTES = 320
 # Commit at once, without waiting for the next tick, past this share of
 # the budget in rows waiting for the disk.
 COMMIT_NOW_SHARE = 8
@@ -54,6 +65,21 @@ class Pending(msgspec.Struct, gc=False):
 
     at_s: float
     logged: bool = True  # False: noted at accept time, not read back from the stream yet
+    started_at_s: float = 0.0  # when its first run began; 0: queued
+    attempts: int = 0
+    # A keyed submit's (schemas.Accepted): the winning task, and its request.
+    nonce: str = ""
+    fingerprint: str = ""
+
+    @property
+    def token(self) -> str:
+        return f"{self.nonce} {self.fingerprint}" if self.nonce else ""
+
+    @classmethod
+    def of_row(cls, row: PendingRow) -> Pending:
+        _, at_s, started_at_s, attempts, token = row
+        nonce, _, fingerprint = token.partition(" ")
+        return cls(at_s, True, started_at_s, attempts, nonce, fingerprint)
 
 
 class StateUnavailable(Exception):
@@ -75,6 +101,10 @@ class ResultStore:
         # the memory tier's (service/hot.py): its head is taken often.
         self._pending: OrderedDict[str, Pending] = OrderedDict()
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        # The pending ones no run has begun for, in the stream's order.
+        self._line = Line()
+        # Told the id of each prediction canceled (the worker stops its run).
+        self.on_canceled: list[Callable[[str], object]] = []
         self._writes = WriteBehind(
             max(memory_max_bytes // COMMIT_NOW_SHARE, 1),
             min(SWEEP_INTERVAL_MAX_S, max(ttl_s / 10, 1.0)),
@@ -110,9 +140,13 @@ class ResultStore:
             _load, disk, self._clock() - self._ttl_s
         )
         async with self._lock:
-            loaded = OrderedDict((p, Pending(at_s)) for p, at_s in pending)
+            loaded = OrderedDict((row[0], Pending.of_row(row)) for row in pending)
             loaded.update(self._pending)  # keep stubs noted meanwhile
             self._pending = loaded
+            self._line.clear()
+            for prediction_id, stub in loaded.items():
+                if stub.logged and not stub.started_at_s:
+                    self._line.join(prediction_id)
             self._disk = disk
             self.disk_entries = count
             self._writes.attach(disk, lambda: self._clock() - self._ttl_s)
@@ -130,6 +164,7 @@ class ResultStore:
         async with self._lock:
             self._hot.clear()
             self._pending = OrderedDict((k, v) for k, v in self._pending.items() if not v.logged)
+            self._line.clear()
         await self._writes.discard()
         if self._disk is not None:
             await self._writes.run(self._disk.wipe)
@@ -182,12 +217,21 @@ class ResultStore:
         if row is None or self._expired(row.updated_at_s):
             return None
         if not row.finished:
-            return Pending(row.updated_at_s)
+            return self._pending.get(prediction_id) or Pending(row.updated_at_s)
         self.cold_reads += 1
         already = self._hot.get(prediction_id)  # learnt while a thread read it
         if already is not None:
             return already
-        entry = Prediction(row.input, row.updated_at_s, row.result, row.error)
+        entry = Prediction(
+            row.input,
+            row.updated_at_s,
+            row.result,
+            row.error,
+            created_at_s=row.created_at_s,
+            started_at_s=row.started_at_s,
+            attempts=row.attempts,
+            canceled=row.canceled,
+        )
         self._hot.put(prediction_id, entry)
         self._evict(self._writes.committed)
         return entry
@@ -197,6 +241,26 @@ class ResultStore:
             raise StateUnavailable(
                 "the local state is being checked against, or rebuilt from, the event stream"
             )
+
+    async def pending_input(self, prediction_id: str) -> str | None:
+        """The input of a pending prediction (for its status): kept on disk only."""
+        if self._disk is None:
+            return None
+        await self._writes.drain()  # its row may still wait for a commit
+        disk = self._disk
+        try:
+            row = await anyio.to_thread.run_sync(
+                disk.read, prediction_id, limiter=self._large_reads
+            )
+        except (Corrupt, sqlite3.DatabaseError) as exc:
+            self._found_damage(exc)
+            raise StateUnavailable("the local state is damaged and being rebuilt") from None
+        return None if row is None else row.input
+
+    def queued_ahead(self, prediction_id: str) -> int:
+        """Queued predictions accepted before this one (all of them, if not read back yet)."""
+        ahead = self._line.ahead(prediction_id)
+        return len(self._line) if ahead is None else ahead
 
     async def wait_finished(self, prediction_id: str, timeout_s: float) -> Found:
         """The prediction once finished, or as it stands after `timeout_s`.
@@ -217,6 +281,11 @@ class ResultStore:
             self._discard_waiter(prediction_id, future)
         return await self.lookup(prediction_id)
 
+    @property
+    def releasing(self) -> bool:
+        """Whether long polls are being answered at once (the replica stops)."""
+        return self._closed
+
     def release_waiters(self) -> None:
         """Answer every long poll now (shutdown must not wait for them)."""
         self._closed = True
@@ -230,21 +299,34 @@ class ResultStore:
     ) -> None:
         """Apply one stream message's events, in order; `offset` is where it stands."""
         rows: list[Row] = []
-        finished: list[str] = []
+        progress: list[Progress] = []
+        finished: list[Outcome] = []
         async with self._lock:
             for event in events:
-                if isinstance(event, Marker) or self._expired(event.at_s):
-                    continue
-                if isinstance(event, Accepted):
-                    self._apply_accepted(event, rows)
-                elif self._apply_outcome(event, rows):
-                    finished.append(event.prediction_id)
-            self._writes.add(rows, offset, body)
+                outcome = self._apply_one(event, rows, progress)
+                if outcome is not None:
+                    finished.append(outcome)
+            self._writes.add(rows, offset, body, progress)
             self._expire_pending()
             self._evict(self._writes.committed)
-        for prediction_id in finished:
-            self._wake(prediction_id)
+        for outcome in finished:
+            self._wake(outcome.prediction_id)
+            if isinstance(outcome, Canceled):
+                for callback in self.on_canceled:
+                    callback(outcome.prediction_id)
         await self._writes.room(self._fits)
+
+    def _apply_one(self, event: Event, rows: list[Row], progress: list[Progress]) -> Outcome | None:
+        """Apply one event; the outcome if it is its prediction's first."""
+        if isinstance(event, Marker) or self._expired(event.at_s):
+            return None
+        if isinstance(event, Accepted):
+            self._apply_accepted(event, rows)
+        elif isinstance(event, Started):
+            self._apply_started(event, progress)
+        elif self._apply_outcome(event, rows):
+            return event
+        return None
 
     async def note_accepted(self, task: Accepted) -> None:
         """A task this replica accepted: pending here at once, before the stream says so."""
@@ -261,29 +343,73 @@ class ResultStore:
                 del self._pending[prediction_id]
 
     def _apply_accepted(self, event: Accepted, rows: list[Row]) -> None:
-        stub = self._pending.get(event.prediction_id)
-        if (stub is not None and stub.logged) or event.prediction_id in self._hot.entries:
-            return  # known already: the stream has it once, a replay again
-        self._pending[event.prediction_id] = Pending(event.at_s)
-        rows.append(Row(event.prediction_id, event.at_s, event.input))
+        prediction_id = event.prediction_id
+        stub = self._pending.get(prediction_id)
+        if (stub is not None and stub.logged) or self._finished_here(prediction_id):
+            # Known already: the stream has it once, a replay again, or a
+            # keyed submit lost to the first with its key (its task is skipped).
+            return
+        self._pending[prediction_id] = Pending(
+            event.at_s, nonce=event.nonce, fingerprint=event.fingerprint
+        )
+        self._line.join(prediction_id)
+        token = Pending(0.0, nonce=event.nonce, fingerprint=event.fingerprint).token
+        rows.append(Row(prediction_id, event.at_s, event.input, token=token))
         self.disk_entries += 1
 
-    def _apply_outcome(self, event: Done | Failed, rows: list[Row]) -> bool:
+    def _finished_here(self, prediction_id: str) -> bool:
+        """Whether memory holds a live outcome (an expired one, of a reused key, is dropped)."""
+        entry = self._hot.entries.get(prediction_id)
+        if entry is None:
+            return False
+        if self._expired(entry.updated_at_s):
+            self._hot.discard(prediction_id)
+            return False
+        return True
+
+    def _apply_started(self, event: Started, progress: list[Progress]) -> None:
+        stub = self._pending.get(event.prediction_id)
+        if stub is None or not stub.logged or event.attempt <= stub.attempts:
+            return  # finished, unknown, or an older run's start read late
+        stub.started_at_s = stub.started_at_s or event.at_s
+        stub.attempts = event.attempt
+        self._line.leave(event.prediction_id)
+        progress.append(Progress(event.prediction_id, stub.started_at_s, stub.attempts))
+
+    def _apply_outcome(self, event: Outcome, rows: list[Row]) -> bool:
         """Record the first outcome of a prediction; False for any later one."""
         prediction_id = event.prediction_id
-        if prediction_id in self._hot.entries:
+        if self._finished_here(prediction_id):
             return False
         stub = self._pending.pop(prediction_id, None)
+        self._line.leave(prediction_id)
         if stub is None or not stub.logged:
             on_disk = self._head(prediction_id)
-            if on_disk is not None and (not isinstance(on_disk, Row) or on_disk.finished):
+            if isinstance(on_disk, LargeInput) or (
+                isinstance(on_disk, Row) and on_disk.finished and not self._expired_row(on_disk)
+            ):
                 return False
             self.disk_entries += on_disk is None
-        result, error = (event.result, None) if isinstance(event, Done) else (None, event.error)
-        entry = Prediction(event.input, event.at_s, result, error, seq=self._writes.seq)
+            stub = Pending(event.at_s) if on_disk is None else _stub_of(on_disk)
+        entry = _entry(event, stub, self._writes.seq)
         self._hot.put(prediction_id, entry)
-        rows.append(Row(prediction_id, event.at_s, event.input, result, error))
+        rows.append(
+            Row(
+                prediction_id,
+                event.at_s,
+                event.input,
+                entry.result,
+                entry.error,
+                entry.created_at_s,
+                entry.started_at_s,
+                entry.attempts,
+                entry.canceled,
+            )
+        )
         return True
+
+    def _expired_row(self, row: Row) -> bool:
+        return self._expired(row.updated_at_s)
 
     # -- internals ---------------------------------------------------------------
 
@@ -380,5 +506,36 @@ class ResultStore:
             del self._waiters[prediction_id]
 
 
-def _load(disk: DiskStore, since_s: float) -> tuple[list[tuple[str, float]], int, Position | None]:
+def _entry(event: Outcome, stub: Pending, seq: int) -> Prediction:
+    """The memory entry of a first outcome; times and attempts the event lacks from `stub`."""
+    entry = Prediction(
+        event.input,
+        event.at_s,
+        seq=seq,
+        created_at_s=stub.at_s,
+        started_at_s=stub.started_at_s,
+        attempts=stub.attempts,
+    )
+    if isinstance(event, Canceled):
+        entry.canceled = True
+        return entry
+    if isinstance(event, Done):
+        entry.result = event.result
+    else:
+        entry.error = event.error
+    # The first run's start, as read from its Started; the outcome tells
+    # the last run's, for when no Started was read (a replica far behind).
+    entry.started_at_s = entry.started_at_s or event.started_at_s
+    entry.attempts = max(event.attempts, entry.attempts)
+    return entry
+
+
+def _stub_of(row: Row) -> Pending:
+    """What a pending row on disk says (an expired outcome's row: a fresh start)."""
+    if row.finished:
+        return Pending(row.updated_at_s)
+    return Pending(row.created_at_s or row.updated_at_s, True, row.started_at_s, row.attempts)
+
+
+def _load(disk: DiskStore, since_s: float) -> tuple[list[PendingRow], int, Position | None]:
     return disk.pending(since_s), disk.count(), disk.checkpoint()

@@ -31,13 +31,14 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import ParamSpec, TypeVar
 
 import anyio
 import anyio.to_thread
+import msgspec
 
-from service.disk import DiskStore, Row
+from service.disk import DiskStore, Progress, Row
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ class WriteBehind:
         # By id: a prediction accepted and finished between two commits is
         # written once, in its last state (half the rows of a replay).
         self._rows: dict[str, Row] = {}
+        # Runs begun for rows already committed (else folded into the row).
+        self._progress: dict[str, Progress] = {}
         self._offset: int | None = None
         self._body = b""
         self._bytes = 0
@@ -85,7 +88,9 @@ class WriteBehind:
     def buffered_bytes(self) -> int:
         return self._bytes
 
-    def add(self, rows: list[Row], offset: int | None, body: bytes) -> None:
+    def add(
+        self, rows: list[Row], offset: int | None, body: bytes, progress: Sequence[Progress] = ()
+    ) -> None:
         """Queue rows (and the message position they bring the disk to) for the next commit."""
         queued = self._rows
         for row in rows:
@@ -94,12 +99,25 @@ class WriteBehind:
                 self._bytes -= _size(replaced)
             queued[row.prediction_id] = row
             self._bytes += _size(row)
+            if row.finished:
+                self._progress.pop(row.prediction_id, None)  # the outcome's row holds its own
+        for begun in progress:
+            self._fold(begun)
         if offset is not None:
             self._offset, self._body = offset, body
         if self._bytes > self._commit_now_bytes and not self._held:
             self._urgent.set()
         if self._flushing is None and self._disk is not None:
             self._flushing = asyncio.get_running_loop().create_task(self._flush_all())
+
+    def _fold(self, begun: Progress) -> None:
+        row = self._rows.get(begun.prediction_id)
+        if row is None:
+            self._progress[begun.prediction_id] = begun
+        elif not row.finished:
+            self._rows[begun.prediction_id] = msgspec.structs.replace(
+                row, started_at_s=begun.started_at_s, attempts=begun.attempts
+            )
 
     def hold(self) -> None:
         """Commit only what memory needs to free, until `release`."""
@@ -136,11 +154,12 @@ class WriteBehind:
     async def discard(self) -> None:
         """Drop what waits (the state is being rebuilt), after the commit in progress."""
         self._rows, self._offset, self._body, self._bytes = {}, None, b"", 0
+        self._progress = {}
         await self.drain()
 
     async def _flush_all(self) -> None:
         try:
-            while self._rows or self._offset is not None:
+            while self._rows or self._progress or self._offset is not None:
                 with anyio.move_on_after(math.inf if self._held else COMMIT_EVERY_S):
                     await self._urgent.wait()
                 self._urgent.clear()
@@ -153,13 +172,17 @@ class WriteBehind:
     async def _commit_next(self) -> None:
         assert self._disk is not None
         rows, offset, body, size = self._rows, self._offset, self._body, self._bytes
-        self._rows, self._offset, self._body = {}, None, b""
+        progress = self._progress
+        self._rows, self._offset, self._body, self._progress = {}, None, b"", {}
         seq, self.seq = self.seq, self.seq + 1
         try:
             with anyio.CancelScope(shield=True):  # a commit half-known is worse than a late one
-                await self.run(self._disk.write, rows.values(), offset, body)
+                await self.run(self._disk.write, rows.values(), offset, body, progress.values())
         except Exception as exc:
             self._put_back(rows, offset, body)
+            for begun in progress.values():
+                if begun.prediction_id not in self._progress:
+                    self._fold(begun)
             self._failed(exc)
             await anyio.sleep(RETRY_S)
             return

@@ -42,7 +42,7 @@ def test_a_file_of_this_deployment_is_kept_with_its_checkpoint(tmp_path: Path) -
     [
         (Identity("other", "/"), "namespace 'predictions' on vhost '/', not 'other' on '/'"),
         (Identity("predictions", "prod"), "not 'predictions' on 'prod'"),
-        (Identity("predictions", "/", SCHEMA_VERSION + 1), "schema version 1"),
+        (Identity("predictions", "/", SCHEMA_VERSION + 1), f"schema version {SCHEMA_VERSION},"),
     ],
 )
 def test_another_deployments_file_is_rebuilt_empty(
@@ -106,10 +106,10 @@ def test_pending_rows_are_listed_oldest_first_and_large_inputs_read_in_full(
             offset=None,
             body=b"",
         )
-        assert disk.pending(since_s=0) == [("a", 10.0), ("b", 20.0)]
-        assert disk.pending(since_s=15) == [("b", 20.0)]
+        assert disk.pending(since_s=0) == [("a", 10.0, 0.0, 0, ""), ("b", 20.0, 0.0, 0, "")]
+        assert disk.pending(since_s=15) == [("b", 20.0, 0.0, 0, "")]
         assert disk.head("big") is not None and not isinstance(disk.head("big"), Row)
-        assert disk.read("big") == Row("big", 30.0, big, result="1")
+        assert disk.read("big") == Row("big", 30.0, big, result="1", created_at_s=30.0)
         assert disk.delete_expired(before_s=25) == 2
         assert disk.count() == 1
     finally:
@@ -127,7 +127,7 @@ def test_issued_ids_are_found_by_their_exact_spelling_only(tmp_path: Path) -> No
     disk = DiskStore.open(tmp_path / "state.sqlite3", IDENTITY)
     try:
         disk.write([Row(issued, 5.0, "in"), Row("not-a-uuid", 6.0, "in", result="1")], None, b"")
-        assert disk.pending(since_s=0) == [(issued, 5.0)]
+        assert disk.pending(since_s=0) == [(issued, 5.0, 0.0, 0, "")]
         assert isinstance(disk.head(issued), Row)
         assert disk.head(issued.upper()) is None  # another string: another prediction
         assert isinstance(disk.head("not-a-uuid"), Row)
@@ -154,9 +154,11 @@ def test_every_string_comes_back_exactly_nul_and_all(tmp_path: Path) -> None:
     controls = "".join(map(chr, range(1, 32)))
     texts = ["nul\x00inside", "emoji 😀 \U0001d518", "\u2028 ' \" \\", controls]
     rows = [
-        Row(f"id-{i}", 1e9 + 0.123456789 * i, text, result=text) for i, text in enumerate(texts)
+        Row(f"id-{i}", at_s, text, result=text, created_at_s=at_s)
+        for i, text in enumerate(texts)
+        for at_s in [1e9 + 0.123456789 * i]
     ]
-    rows.append(Row("failed", 1e9, "in", error="boom\x00"))
+    rows.append(Row("failed", 1e9, "in", error="boom\x00", created_at_s=1e9))
     disk = DiskStore.open(tmp_path / "state.sqlite3", IDENTITY)
     try:
         disk.write(rows, offset=3, body=b"m")
