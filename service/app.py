@@ -24,7 +24,7 @@ from service.broker import Broker, BrokerAddress
 from service.consumer import TaskWorker
 from service.decision import Policy
 from service.follower import EventFollower
-from service.http import api
+from service.http import api, lifecycle
 from service.http.docs import SwaggerDocs
 from service.http.errors import EXCEPTION_HANDLERS
 from service.http.hotroutes import HotRoutes
@@ -65,6 +65,9 @@ def create_app(settings: Settings | None = None, *, on_fatal: OnFatal | None = N
     routes = [
         Route("/predict", api.predict, methods=["POST"]),
         # `:path` so that any string, slashes included, gets the contract's 404.
+        # `path`: an id holding a slash is unknown (404), as on GET /predict/{id}.
+        Route("/predict/{prediction_id:path}/status", lifecycle.get_status, methods=["GET"]),
+        Route("/predict/{prediction_id:path}/cancel", lifecycle.cancel, methods=["POST"]),
         Route("/predict/{prediction_id:path}", api.get_prediction, methods=["GET"]),
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/readyz", api.readyz, methods=["GET"]),
@@ -126,8 +129,11 @@ def _build_services(
     broker = Broker(settings, metrics)
     journal = Journal(store, broker)
     policy = Policy(settings.max_attempts, settings.retry_backoff_s)
-    worker = TaskWorker(broker, journal, runner, metrics, policy)
     follower = EventFollower(broker, store)
+    worker = TaskWorker(
+        broker, journal, runner, metrics, policy, read_log_up_to_now=follower.fences.wait
+    )
+    store.on_canceled.append(worker.stop_canceled_run)
     metrics.track_stream(follower)
     return Services(settings, store, runner, broker, journal, follower, worker, metrics, state_dir)
 

@@ -24,7 +24,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aio_pika.abc
@@ -51,14 +51,22 @@ from service.decision import (
     decide,
     on_delivery,
 )
-from service.inflight import InFlight
+from service.inflight import InFlight, RunCanceled
 from service.intake import Intake
 from service.journal import Journal, outcome_of
 from service.metrics import Metrics
 from service.model import ModelError, ModelRunner
-from service.schemas import Accepted, Envelope, Failed, TaskBatch, batched, task_decoder
+from service.schemas import (
+    Accepted,
+    Envelope,
+    Failed,
+    Started,
+    TaskBatch,
+    batched,
+    task_decoder,
+)
 from service.slots import ModelSlots, SlotsClosed
-from service.store import Prediction, StateUnavailable
+from service.store import Pending, Prediction, StateUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +91,11 @@ class TaskWorker:
         runner: ModelRunner,
         metrics: Metrics,
         policy: Policy,
+        *,
+        read_log_up_to_now: Callable[[], Awaitable[None]],
     ) -> None:
         self._broker = broker
+        self._read_log_up_to_now = read_log_up_to_now
         self._journal = journal
         self._metrics = metrics
         self._policy = policy
@@ -103,6 +114,12 @@ class TaskWorker:
 
     async def start(self) -> None:
         await self.intake.start()
+
+    def stop_canceled_run(self, prediction_id: str) -> None:
+        """A prediction was canceled: stop its model run, if it runs here."""
+        if self._runs.cancel(prediction_id):
+            self._metrics.canceled_runs.inc()
+            log.info("model run stopped: canceled", extra={"prediction_id": prediction_id})
 
     async def stop(self, grace_s: float) -> None:
         """Take nothing more, put back what waits for a slot, give runs `grace_s` to end.
@@ -213,6 +230,8 @@ class TaskWorker:
         """Decide, run (or join a run going here), decide again, carry it out."""
         reserved = True  # the slot counted for this task when its message came
         try:
+            if task.nonce and await self._lost_to_an_earlier_submit(task, message):
+                return
             running = self._runs.running(task.prediction_id)
             seen = await self._seen_before_run(task, running)
             decision: Decision | None = self._decide(task, crashes, seen)
@@ -228,6 +247,27 @@ class TaskWorker:
                 self._slots.unreserve()
         if decision is not None:
             await self._carry_out(task, decision, message)
+
+    async def _lost_to_an_earlier_submit(self, task: Accepted, message: MessageT) -> bool:
+        """Whether another replica's task with the same idempotency key came first.
+
+        Both carry the id the key gives; the first on the stream is the
+        prediction, and only its task runs. Read up to now first: this
+        task's own event is on the stream before its message was delivered.
+        """
+        while True:
+            try:
+                await self._read_log_up_to_now()
+                break
+            except BrokerUnavailable:
+                if self._broker.closed or _delivery_lost(message):
+                    raise DeliveryLost from None
+                await self._until_broker_may_confirm()
+        stub = self._journal.store.get(task.prediction_id)
+        if isinstance(stub, Pending) and stub.nonce and stub.nonce != task.nonce:
+            log.debug("skipping a task of a repeated submit", extra=_about(task))
+            return True
+        return False
 
     async def _join(
         self, task: Accepted, crashes: int, running: asyncio.Future[str]
@@ -253,6 +293,8 @@ class TaskWorker:
     ) -> Decision | None:
         try:
             async with self._slots.held():
+                if self._canceled(task.prediction_id):
+                    return None  # canceled while it waited: the outcome is on the stream
                 if _delivery_lost(message):
                     # It waited for a slot through a dropped connection: its
                     # redelivery runs it, and is told this return was no run.
@@ -265,6 +307,10 @@ class TaskWorker:
             self._metrics.put_back_stopping.inc()
             return None
 
+    def _canceled(self, prediction_id: str) -> bool:
+        found = self._journal.store.get(prediction_id)
+        return isinstance(found, Prediction) and found.canceled
+
     async def _seen_before_run(self, task: Accepted, running: asyncio.Future[str] | None) -> Seen:
         try:
             known = await self._journal.store.lookup(task.prediction_id)
@@ -274,18 +320,23 @@ class TaskWorker:
             return Known(outcome_of(task.prediction_id, known))
         return NotRun(joining=running is not None)
 
-    async def _run(self, task: Accepted, crashes: int, run: Run) -> Decision:
+    async def _run(self, task: Accepted, crashes: int, run: Run) -> Decision | None:
         prediction_id = task.prediction_id
+        started_at_s = time.time()
+        if prediction_id not in self._runs:
+            self._journal.started(Started(prediction_id, run.attempt, started_at_s))
         try:
             result, joined = await self._runs.predict(prediction_id, task.input)
         except ModelError as exc:
             _log_failed_attempt(prediction_id, run.attempt, exc)
-            return self._decide(task, crashes, Raised(str(exc)))
+            return self._decide(task, crashes, Raised(str(exc), started_at_s=started_at_s))
+        except RunCanceled:
+            return None  # its Canceled is the outcome, on the stream already
         if not joined:
             # A joined run is counted by the delivery that started it.
             self._metrics.completed_async.inc()
             log.info("prediction done", extra={"prediction_id": prediction_id})
-        return self._decide(task, crashes, Ran(result))
+        return self._decide(task, crashes, Ran(result, started_at_s))
 
     def _decide(self, task: Accepted, crashes: int, seen: Seen) -> Decision:
         now_s, jitter = time.time(), self._jitter.random()
@@ -446,6 +497,10 @@ def _delivery_lost(message: MessageT) -> bool:
     except aio_pika.exceptions.ChannelInvalidStateError:
         return True
     return False
+
+
+def _about(task: Accepted) -> dict[str, str]:
+    return {"prediction_id": task.prediction_id}
 
 
 def _redeliveries(message: MessageT) -> int:

@@ -52,6 +52,7 @@ class Known:
 @dataclass(frozen=True)
 class Ran:
     result: str
+    started_at_s: float = 0.0  # when the run began (the outcome tells it)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class Raised:
 
     error: str
     joined: bool = False
+    started_at_s: float = 0.0
 
 
 Seen = NotRun | Known | Ran | Raised
@@ -130,9 +132,10 @@ def decide(
             return _give_up(task, spent, error, now_s)
         return Run(attempt)
     if isinstance(seen, Ran):
-        return Record(Done(task.prediction_id, task.input, seen.result, now_s))
+        done = Done(task.prediction_id, task.input, seen.result, now_s, seen.started_at_s, attempt)
+        return Record(done)
     if attempt >= policy.max_attempts:
-        return _give_up(task, attempt, seen.error, now_s)
+        return _give_up(task, attempt, seen.error, now_s, seen.started_at_s)
     charged = msgspec.structs.replace(task, attempts=attempt, last_error=seen.error)
     level = delay_level(attempt)
     return Retry(charged, retry_delay_s(level, policy.backoff_s, jitter), level)
@@ -207,5 +210,8 @@ def charge(task: Accepted, spent: int) -> Accepted:
     return msgspec.structs.replace(task, attempts=spent)
 
 
-def _give_up(task: Accepted, spent: int, error: str, at_s: float) -> Record:
-    return Record(Failed(task.prediction_id, task.input, error, at_s), True, spent)
+def _give_up(
+    task: Accepted, spent: int, error: str, at_s: float, started_at_s: float = 0.0
+) -> Record:
+    failed = Failed(task.prediction_id, task.input, error, at_s, started_at_s, spent)
+    return Record(failed, True, spent)

@@ -7,6 +7,10 @@ import asyncio
 from service.model import ModelRunner
 
 
+class RunCanceled(Exception):
+    """The prediction was canceled while its model ran here: the run was stopped."""
+
+
 class InFlight:
     """The model runs here whose outcome is not on the stream yet, by prediction id.
 
@@ -23,6 +27,10 @@ class InFlight:
     def __init__(self, runner: ModelRunner) -> None:
         self._runner = runner
         self._runs: dict[str, asyncio.Future[str]] = {}
+        # The task awaiting each model call, to stop it on a cancel; only
+        # while inside the call, so a cancel never lands in the bookkeeping.
+        self._callers: dict[str, asyncio.Task[object]] = {}
+        self._canceling: set[str] = set()
 
     def __contains__(self, prediction_id: str) -> bool:
         return prediction_id in self._runs
@@ -40,8 +48,8 @@ class InFlight:
         run: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._runs[prediction_id] = run
         try:
-            result = await self._runner.predict(input)
-        except asyncio.CancelledError:
+            result = await self._call(prediction_id, input)
+        except (asyncio.CancelledError, RunCanceled):
             run.cancel()
             del self._runs[prediction_id]
             raise
@@ -53,6 +61,34 @@ class InFlight:
             raise
         run.set_result(result)
         return result, False
+
+    async def _call(self, prediction_id: str, input: str) -> str:
+        caller = asyncio.current_task()
+        assert caller is not None
+        self._callers[prediction_id] = caller
+        try:
+            return await self._runner.predict(input)
+        except asyncio.CancelledError:
+            if prediction_id not in self._canceling:
+                raise  # the worker stops, or its connection dropped
+            caller.uncancel()
+            raise RunCanceled(prediction_id) from None
+        finally:
+            del self._callers[prediction_id]
+            self._canceling.discard(prediction_id)
+
+    def cancel(self, prediction_id: str) -> bool:
+        """Stop the model call of a canceled prediction, if one runs here.
+
+        An async predictor sees CancelledError and its slot is freed; a
+        blocking one in a thread runs on, and its answer is discarded.
+        """
+        caller = self._callers.get(prediction_id)
+        if caller is None or prediction_id in self._canceling:
+            return False
+        self._canceling.add(prediction_id)
+        caller.cancel("the prediction was canceled")
+        return True
 
     def forget(self, prediction_id: str) -> None:
         """The run's outcome is on the stream: a later delivery finds it there.

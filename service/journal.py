@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from service.broker import EVENT_KEY, TASK_KEY, Broker
 from service.outbox import Outbox
-from service.schemas import Accepted, Done, Failed, Outcome
+from service.schemas import Accepted, Canceled, Done, Failed, Outcome, Started
 from service.store import Prediction, ResultStore
 
 
@@ -23,7 +23,10 @@ class Journal:
         self.store = store
         self.broker = broker
         self._tasks = Outbox(broker, TASK_KEY)
-        self._outcomes = Outbox(broker, EVENT_KEY)
+        self._events = Outbox(broker, EVENT_KEY)
+        # Starts batch apart from outcomes: an outcome batch stays the
+        # envelope the previous version reads, during a rolling deploy.
+        self._starts = Outbox(broker, EVENT_KEY)
 
     async def accept(self, task: Accepted) -> None:
         """Note a new task and hand it to the broker (BrokerUnavailable if it won't)."""
@@ -37,11 +40,23 @@ class Journal:
 
     async def record(self, outcomes: Sequence[Outcome]) -> None:
         """Publish outcomes; the follower applies them when it reads them back."""
-        await self._outcomes.publish(outcomes)
+        await self._events.publish(outcomes)
+
+    def started(self, event: Started) -> None:
+        """Tell the stream a run began, in the next batch, without waiting.
+
+        Not waited for: the run's outcome carries the same facts, and the
+        model should not wait a broker round trip to begin.
+        """
+        self._starts.post((event,))
 
 
 def outcome_of(prediction_id: str, entry: Prediction) -> Outcome:
     """The event that recorded a finished entry, to publish it again."""
+    at_s, started_at_s, attempts = entry.updated_at_s, entry.started_at_s, entry.attempts
+    if entry.canceled:
+        return Canceled(prediction_id, entry.input, at_s)
     if entry.result is not None:
-        return Done(prediction_id, entry.input, entry.result, entry.updated_at_s)
-    return Failed(prediction_id, entry.input, entry.error or "unknown error", entry.updated_at_s)
+        return Done(prediction_id, entry.input, entry.result, at_s, started_at_s, attempts)
+    error = entry.error or "unknown error"
+    return Failed(prediction_id, entry.input, error, at_s, started_at_s, attempts)

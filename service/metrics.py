@@ -66,6 +66,21 @@ class Metrics:
         )
         self.failed_sync = self.failed.labels("sync")
         self.failed_async = self.failed.labels("async")
+        self.canceled = LoopCounter(
+            "predictions_canceled",
+            "Predictions canceled by a cancel request this replica answered",
+            registry=registry,
+        )
+        self.canceled_runs = LoopCounter(
+            "model_runs_canceled",
+            "Model runs this replica stopped because their prediction was canceled",
+            registry=registry,
+        )
+        self.idempotent_repeats = LoopCounter(
+            "idempotent_repeats",
+            "Keyed submits answered with the prediction an earlier submit of the key made",
+            registry=registry,
+        )
         self.dead_lettered = LoopCounter(
             "tasks_dead_lettered",
             "Task messages set aside to the dead-letter queue",

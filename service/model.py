@@ -97,9 +97,26 @@ def _in_worker_thread(function: Callable[[str], object], threads: int) -> Predic
     limiter = anyio.CapacityLimiter(threads)
 
     async def predict(input: str, /) -> object:
-        return await anyio.to_thread.run_sync(function, input, limiter=limiter)
+        call = asyncio.ensure_future(anyio.to_thread.run_sync(function, input, limiter=limiter))
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            # A thread cannot be stopped. Keep the model's slot until it
+            # returns, so MODEL_CONCURRENCY holds; its answer is discarded.
+            await _until_done(call)
+            raise
 
     return cast(Predictor, predict)
+
+
+async def _until_done(call: asyncio.Future[object]) -> None:
+    while not call.done():
+        try:
+            await asyncio.wait([call])
+        except asyncio.CancelledError:
+            continue  # cancelled again: still nothing to do but wait
+    if not call.cancelled():
+        call.exception()  # retrieved: nobody reads an abandoned call's error
 
 
 class Slots:

@@ -35,6 +35,23 @@ class Outbox:
         """Return once the broker confirmed `events`; BrokerUnavailable if it won't."""
         if not self._broker.is_up:
             raise BrokerUnavailable("not connected to the broker")
+        for batch in self._enqueue(events):
+            # Shielded: a cancelled caller must not cancel its batch-mates' confirm.
+            await asyncio.shield(batch)
+
+    def post(self, events: Sequence[Event]) -> bool:
+        """Send `events` with the next batch, without waiting for the confirm.
+
+        For facts worth telling but not worth a wait (a run beginning):
+        False, and nothing sent, while the broker is down; a batch the
+        broker does not confirm is dropped.
+        """
+        if not self._broker.is_up:
+            return False
+        self._enqueue(events)
+        return True
+
+    def _enqueue(self, events: Sequence[Event]) -> list[asyncio.Future[None]]:
         batches: list[asyncio.Future[None]] = []
         for event in events:
             size = _size(event)
@@ -47,9 +64,7 @@ class Outbox:
             batch = self._batch_future()
             if not batches or batches[-1] is not batch:
                 batches.append(batch)
-        for batch in batches:
-            # Shielded: a cancelled caller must not cancel its batch-mates' confirm.
-            await asyncio.shield(batch)
+        return batches
 
     def _batch_future(self) -> asyncio.Future[None]:
         if self._confirmed is None:

@@ -67,7 +67,7 @@ async def _stream_messages(settings: Settings, enough: int) -> list[dict[str, An
 
 def _events(message: dict[str, Any]) -> list[dict[str, Any]]:
     kind = message["kind"]
-    if kind in ("tasks", "outcomes"):
+    if kind in ("tasks", "outcomes", "events"):
         batch: list[dict[str, Any]] = message[kind]
         return batch
     return [message]
@@ -93,12 +93,13 @@ async def test_tasks_accepted_in_the_same_instant_share_one_message(live: LiveAp
     ids = [task.prediction_id for task in tasks]
     for prediction_id in ids:
         assert (await wait_finished(live.client, prediction_id)).status_code == 200
-    # Every task and every outcome is on the stream exactly once, the tasks
+    # Every task, start and outcome is on the stream exactly once, the tasks
     # in a single message.
-    messages = await _stream_messages(live.settings, enough=2 * count + 1)
+    messages = await _stream_messages(live.settings, enough=3 * count + 1)
     events = [event for message in messages for event in _events(message)]
     assert sorted(e["prediction_id"] for e in events if e["kind"] == "accepted") == sorted(ids)
     assert sorted(e["prediction_id"] for e in events if e["kind"] == "done") == sorted(ids)
+    assert sorted(e["prediction_id"] for e in events if e["kind"] == "started") == sorted(ids)
     [batch] = [m for m in messages if m["kind"] in ("accepted", "tasks")]
     assert [task["prediction_id"] for task in batch["tasks"]] == ids
     client = live.client
@@ -113,8 +114,9 @@ async def test_publish_batch_max_1_sends_every_task_alone(rabbitmq_url: str) -> 
         ids = await asyncio.gather(*(submit_async(live.client, f"one {i}") for i in range(count)))
         for prediction_id in ids:
             assert (await wait_finished(live.client, prediction_id)).status_code == 200
-        messages = await _stream_messages(live.settings, enough=2 * count + 1)
-        assert {message["kind"] for message in messages} == {"accepted", "done", "marker"}
+        messages = await _stream_messages(live.settings, enough=3 * count + 1)
+        kinds = {message["kind"] for message in messages}
+        assert kinds == {"accepted", "started", "done", "marker"}
         published = 'broker_messages_published_total{routing_key="task"}'
         assert await metric(live.client, published) == count
 

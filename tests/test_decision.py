@@ -48,13 +48,14 @@ def test_attempts_count_what_the_task_carries_and_the_crashes() -> None:
 def test_a_task_whose_attempts_are_used_up_by_crashes_fails_without_running() -> None:
     decision = decided(task(attempts=1), 2, NotRun())
     error = "the worker stopped during each of 3 attempts"
-    assert decision == Record(Failed("id-1", "text", error, NOW_S), dead_letter=True, attempts=3)
+    failed = Failed("id-1", "text", error, NOW_S, attempts=3)
+    assert decision == Record(failed, dead_letter=True, attempts=3)
 
 
 def test_used_up_attempts_keep_the_last_model_error() -> None:
     decision = decided(task(attempts=2, last_error="ValueError: no"), 1, NotRun())
     assert isinstance(decision, Record)
-    assert decision.outcome == Failed("id-1", "text", "ValueError: no", NOW_S)
+    assert decision.outcome == Failed("id-1", "text", "ValueError: no", NOW_S, attempts=3)
 
 
 def test_joining_a_run_still_going_here_is_not_a_new_attempt() -> None:
@@ -70,8 +71,9 @@ def test_a_known_outcome_is_recorded_again_and_never_rerun() -> None:
     assert decided(task(attempts=5), 9, Known(failed)) == Record(failed)
 
 
-def test_a_run_that_answers_is_recorded_done() -> None:
-    assert decided(task(), 0, Ran("42")) == Record(Done("id-1", "text", "42", NOW_S))
+def test_a_run_that_answers_is_recorded_done_with_its_start_and_attempt() -> None:
+    done = Done("id-1", "text", "42", NOW_S, started_at_s=990.0, attempts=2)
+    assert decided(task(attempts=1), 0, Ran("42", started_at_s=990.0)) == Record(done)
 
 
 def test_a_failed_run_is_retried_later_carrying_its_count_and_error() -> None:
@@ -99,13 +101,13 @@ def test_a_joined_run_that_fails_is_charged_once() -> None:
     assert decision.task.attempts == 2
     # Not joined, the same failure would be a third attempt.
     assert decided(task(attempts=1), 1, Raised("x")) == Record(
-        Failed("id-1", "text", "x", NOW_S), dead_letter=True, attempts=3
+        Failed("id-1", "text", "x", NOW_S, attempts=3), dead_letter=True, attempts=3
     )
 
 
 def test_the_last_attempt_failing_fails_for_good_and_dead_letters() -> None:
-    decision = decided(task(attempts=2), 0, Raised("ValueError: no"))
-    failed = Failed("id-1", "text", "ValueError: no", NOW_S)
+    decision = decided(task(attempts=2), 0, Raised("ValueError: no", started_at_s=990.0))
+    failed = Failed("id-1", "text", "ValueError: no", NOW_S, started_at_s=990.0, attempts=3)
     assert decision == Record(failed, dead_letter=True, attempts=3)
 
 

@@ -164,7 +164,7 @@ async def _outcomes(settings: Settings, prediction_id: str) -> list[dict[str, st
 
         async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             body = json.loads(message.body)
-            events = body.get("outcomes") or body.get("tasks") or [body]
+            events = body.get("outcomes") or body.get("tasks") or body.get("events") or [body]
             for event in events:
                 if event.get("kind") == "done" and event.get("prediction_id") == prediction_id:
                     found.append(event)
