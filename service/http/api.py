@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -16,7 +14,10 @@ from starlette.types import Receive, Scope, Send
 
 from service.broker import BrokerUnavailable
 from service.http.errors import ApiError
+from service.http.idempotency import parse_key
 from service.http.instrument import ACCEPTED_ID_KEY
+from service.http.lifecycle import submit_keyed
+from service.http.lookup import RETRY_AFTER_S, find, unavailable_as_503
 from service.http.protocol import CANCEL_ON_DISCONNECT_KEY, CLIENT_GONE_KEY
 from service.http.requests import (
     ClientHeaders,
@@ -26,32 +27,30 @@ from service.http.requests import (
     requested_wait_s,
     wants_async,
 )
-from service.http.responses import JsonResponse, NotedResponse, error_response
+from service.http.responses import (
+    CANCELED,
+    NOT_FOUND,
+    STILL_PROCESSING,
+    JsonResponse,
+    NotedResponse,
+    accepted_response,
+    error_response,
+)
 from service.metrics import CONTENT_TYPE
 from service.model import ModelError
 from service.schemas import (
     Accepted,
-    AcceptedResponse,
     PredictionResponse,
+    PredictRequest,
     PredictResponse,
     StatusResponse,
     json_encoder,
 )
 from service.services import Services
-from service.store import Found, Pending, StateUnavailable
+from service.store import Found, Pending
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-ACCEPTED_MESSAGE = "Request received. Processing asynchronously."
-STILL_PROCESSING = "Prediction is still being processed."
-NOT_FOUND = "Prediction ID not found."
-# Seconds a client should wait before retrying a 503: about one reconnect.
-RETRY_AFTER_S = "5"
-# What `_accept` issues (str(uuid.uuid4())): any other id is unknown to every
-# replica, so its 404 needs no look at the stream.
-ISSUED_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 
 # Constant bodies are encoded once.
 _HEALTHY = json_encoder.encode(StatusResponse("ok"))
@@ -87,15 +86,38 @@ async def predict(request: Request) -> Response:
     headers = ClientHeaders(request)
     body = await read_body(request, headers, services.settings.max_body_bytes)
     payload = decode_predict_request(body)
-    if wants_async(headers):
+    key = parse_key(headers.idempotency_key)
+    async_mode = wants_async(headers)
+    if key is not None:
+        response = await _keyed(services, key, payload, async_mode, request.scope)
+    elif async_mode:
         response = await _accept(services, payload.input, request.scope)
-        if "respond-async" in preferences(headers.prefer):
-            response.headers["Preference-Applied"] = "respond-async"
-        return response
-    scope = request.scope
+    else:
+        return await _predict_now(services, payload.input, request.scope)
+    if async_mode and "respond-async" in preferences(headers.prefer):
+        response.headers["Preference-Applied"] = "respond-async"
+    return response
+
+
+async def _keyed(
+    services: Services, key: str, payload: PredictRequest, async_mode: bool, scope: Scope
+) -> Response:
+    if async_mode:
+        return await submit_keyed(services, key, payload, async_mode)
+    # A sync one waits for the outcome: cut off if its client goes away.
+    scope[CANCEL_ON_DISCONNECT_KEY] = asyncio.current_task()
+    try:
+        return await submit_keyed(services, key, payload, async_mode)
+    except asyncio.CancelledError:
+        return _cut_off(client_gone=CLIENT_GONE_KEY in scope)
+    finally:
+        del scope[CANCEL_ON_DISCONNECT_KEY]
+
+
+async def _predict_now(services: Services, input: str, scope: Scope) -> Response:
     scope[CANCEL_ON_DISCONNECT_KEY] = asyncio.current_task()  # see http.protocol
     try:
-        result = await services.runner.predict(payload.input)
+        result = await services.runner.predict(input)
     except ModelError as exc:
         services.metrics.failed_sync.inc()
         _log_model_failure(exc)
@@ -105,7 +127,7 @@ async def predict(request: Request) -> Response:
     finally:
         del scope[CANCEL_ON_DISCONNECT_KEY]  # answering is not to be cut off
     services.metrics.completed_sync.inc()
-    return JsonResponse(PredictResponse(payload.input, result))
+    return JsonResponse(PredictResponse(input, result))
 
 
 def _log_model_failure(exc: ModelError) -> None:
@@ -148,11 +170,7 @@ async def _accept(services: Services, input: str, scope: Scope) -> Response:
         ) from None
     services.metrics.accepted.inc()
     log.info("prediction accepted", extra={"prediction_id": prediction_id})
-    return JsonResponse(
-        AcceptedResponse(ACCEPTED_MESSAGE, prediction_id),
-        202,
-        headers={"Location": f"/predict/{prediction_id}"},
-    )
+    return accepted_response(prediction_id)
 
 
 @plain_asgi
@@ -162,7 +180,7 @@ async def get_prediction(scope: Scope) -> Response:
     wait_s = requested_wait_s(scope, services.settings.max_wait_s)
     entry = services.store.get(prediction_id)  # memory: the hot path
     if entry is None:
-        entry = await _find(services, prediction_id)
+        entry = await find(services, prediction_id)
     if wait_s is None or wait_s <= 0 or not isinstance(entry, Pending):
         # Answered at once: no wait was applied, so none is said.
         return _prediction_response(prediction_id, entry)
@@ -180,34 +198,9 @@ async def _long_poll(scope: Scope, services: Services, prediction_id: str, wait_
     # released at once, not when the prediction ends or the wait is over.
     scope[CANCEL_ON_DISCONNECT_KEY] = asyncio.current_task()
     try:
-        return await _unavailable_as_503(services.store.wait_finished(prediction_id, wait_s))
+        return await unavailable_as_503(services.store.wait_finished(prediction_id, wait_s))
     finally:
         del scope[CANCEL_ON_DISCONNECT_KEY]
-
-
-async def _find(services: Services, prediction_id: str) -> Found:
-    """Disk, then, before saying "unknown", the stream read up to this request.
-
-    Another replica may have answered 202 for this id a moment ago; once
-    this replica has read its own marker back, it has read that task too
-    (service/fence.py). A 404 is then true on every replica.
-    """
-    found = await _unavailable_as_503(services.store.lookup(prediction_id))
-    if found is not None or ISSUED_ID.fullmatch(prediction_id) is None:
-        return found
-    await _unavailable_as_503(services.follower.fences.wait())
-    return await _unavailable_as_503(services.store.lookup(prediction_id))
-
-
-async def _unavailable_as_503(lookup: Awaitable[T]) -> T:
-    try:
-        return await lookup
-    except (BrokerUnavailable, StateUnavailable) as exc:
-        raise ApiError(
-            503,
-            f"Cannot tell whether this prediction exists right now ({exc}); retry.",
-            {"Retry-After": RETRY_AFTER_S},
-        ) from None
 
 
 def _prediction_response(prediction_id: str, entry: Found) -> Response:
@@ -218,6 +211,8 @@ def _prediction_response(prediction_id: str, entry: Found) -> Response:
     if entry.result is not None:
         output = PredictResponse(entry.input, entry.result)
         return JsonResponse(PredictionResponse(prediction_id, output))
+    if entry.canceled:
+        return error_response(410, CANCELED)
     return error_response(500, f"Prediction failed: {entry.error}")
 
 

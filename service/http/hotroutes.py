@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from service.http.api import plain_asgi
 
 PREDICTION_PREFIX = "/predict/"
+STATUS = "/status"  # GET /predict/{id}/status takes Starlette's way
 Handler = Callable[[Request, Exception], Awaitable[Response]]
 
 
@@ -45,7 +46,7 @@ class HotRoutes:
             # A newline: the router's `.*$` reads "/predict/<id>\n" as <id>,
             # and no id at all past one; it answers those as it always has.
             return None
-        if method == "GET" and path.startswith(PREDICTION_PREFIX):
+        if method == "GET" and path.startswith(PREDICTION_PREFIX) and not path.endswith(STATUS):
             scope["endpoint"] = self._get_prediction
             scope["path_params"] = {"prediction_id": path[len(PREDICTION_PREFIX) :]}
             return self._serve_get

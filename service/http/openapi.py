@@ -14,6 +14,7 @@ from service.schemas import (
     AcceptedResponse,
     ErrorResponse,
     PredictionResponse,
+    PredictionStatus,
     PredictRequest,
     PredictResponse,
     StatusResponse,
@@ -21,10 +22,16 @@ from service.schemas import (
 
 REF = "#/components/schemas/{name}"
 JSON = "application/json"
+_PREDICTION_ID = {
+    "name": "prediction_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string"},
+}
 
 
 def build_openapi(version: str, max_wait_s: float) -> dict[str, Any]:
-    (_, _, _, _, _, _), components = msgspec.json.schema_components(
+    (_, _, _, _, _, _, _), components = msgspec.json.schema_components(
         [
             PredictRequest,
             PredictResponse,
@@ -32,6 +39,7 @@ def build_openapi(version: str, max_wait_s: float) -> dict[str, Any]:
             PredictionResponse,
             ErrorResponse,
             StatusResponse,
+            PredictionStatus,
         ],
         ref_template=REF,
     )
@@ -45,6 +53,8 @@ def build_openapi(version: str, max_wait_s: float) -> dict[str, Any]:
         "paths": {
             "/predict": {"post": _predict_operation()},
             "/predict/{prediction_id}": {"get": _get_prediction_operation(max_wait_s)},
+            "/predict/{prediction_id}/status": {"get": _status_of_operation()},
+            "/predict/{prediction_id}/cancel": {"post": _cancel_operation()},
             "/healthz": {"get": _status_operation("Liveness: the process is up.", "ok")},
             "/readyz": {"get": _readyz_operation()},
             "/metrics": {"get": _text_operation("Prometheus metrics.", "text/plain")},
@@ -62,6 +72,13 @@ def _predict_operation() -> dict[str, Any]:
         "parameters": [
             _header("Async-Mode", "`true` (any case) queues the prediction and answers 202."),
             _header("Prefer", "`respond-async` (RFC 7240) does the same as `Async-Mode: true`."),
+            _header(
+                "Idempotency-Key",
+                'A quoted string (`"order-123"`) or a bare token, 1 to 255 visible ASCII'
+                " characters. A repeat with the same key and body within RESULT_TTL_S gets"
+                " the first answer (the same prediction_id, or the same result) and the"
+                " model runs once, whichever replica takes it.",
+            ),
         ],
         "requestBody": {
             "required": True,
@@ -77,13 +94,18 @@ def _predict_operation() -> dict[str, Any]:
                     "Preference-Applied": _header_doc("`respond-async` when it was asked."),
                 },
             ),
-            "400": _error("The body is not JSON."),
+            "400": _error("The body is not JSON, or the Idempotency-Key is malformed."),
+            "410": _error("Sync with an Idempotency-Key: the prediction was canceled."),
             "413": _error("The body is larger than MAX_BODY_BYTES."),
-            "422": _error("The JSON is not an object with a string `input`."),
+            "422": _error(
+                "The JSON is not an object with a string `input`, or the Idempotency-Key"
+                " was used before with a different request."
+            ),
             "500": _error("The model failed."),
             "503": _error(
                 "Async: the broker could not take the task. Sync: the service stopped"
-                " (SHUTDOWN_GRACE_S ran out) before the model answered. Retry later.",
+                " (SHUTDOWN_GRACE_S ran out) before the model answered. With an"
+                " Idempotency-Key: the event log cannot be read or written. Retry later.",
                 headers={"Retry-After": _header_doc("Seconds to wait before retrying.")},
             ),
         },
@@ -96,7 +118,7 @@ def _get_prediction_operation(max_wait_s: float) -> dict[str, Any]:
         "summary": "Read an async prediction",
         "operationId": "getPrediction",
         "parameters": [
-            {"name": "prediction_id", "in": "path", "required": True, "schema": {"type": "string"}},
+            _PREDICTION_ID,
             _header(
                 "Prefer",
                 f"`wait=N`: hold the request until the prediction is done or N seconds pass "
@@ -107,9 +129,53 @@ def _get_prediction_operation(max_wait_s: float) -> dict[str, Any]:
             "200": _body("Done.", PredictionResponse, headers=waited),
             "400": _error("Still being processed.", headers=waited),
             "404": _error("No such prediction (or it expired).", headers=waited),
+            "410": _error("The prediction was canceled.", headers=waited),
             "500": _error("The model failed for good.", headers=waited),
+            "503": _unavailable(),
         },
     }
+
+
+def _status_of_operation() -> dict[str, Any]:
+    return {
+        "summary": "A prediction's whole story: status, times, attempts, place in line",
+        "operationId": "getPredictionStatus",
+        "parameters": [_PREDICTION_ID],
+        "responses": {
+            "200": _body(
+                "`status` is queued, processing, succeeded, failed or canceled; times are"
+                " RFC 3339 UTC with milliseconds; `queued_ahead` (queued only) counts the"
+                " queued predictions accepted before this one.",
+                PredictionStatus,
+            ),
+            "404": _error("No such prediction (or it expired)."),
+            "503": _unavailable(),
+        },
+    }
+
+
+def _cancel_operation() -> dict[str, Any]:
+    return {
+        "summary": "Cancel a prediction, queued or running, on whichever replica",
+        "operationId": "cancelPrediction",
+        "parameters": [_PREDICTION_ID],
+        "responses": {
+            "200": _body(
+                'The status afterwards: "canceled", or unchanged if it had finished'
+                " (a cancel is idempotent; the first outcome on the log wins).",
+                PredictionStatus,
+            ),
+            "404": _error("No such prediction (or it expired)."),
+            "503": _unavailable(),
+        },
+    }
+
+
+def _unavailable() -> dict[str, Any]:
+    return _error(
+        "The event log cannot be read or written right now; retry.",
+        headers={"Retry-After": _header_doc("Seconds to wait before retrying.")},
+    )
 
 
 def _readyz_operation() -> dict[str, Any]:

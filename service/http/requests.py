@@ -12,6 +12,13 @@ from service.http.errors import ApiError, BodyNotJson
 from service.http.protocol import BODY_TIMED_OUT_KEY
 from service.schemas import PredictRequest, request_decoder
 
+# Headers of which the first one counts, and where ClientHeaders keeps them.
+_FIRST_WINS = {
+    b"content-length": "content_length",
+    b"async-mode": "async_mode",
+    b"idempotency-key": "idempotency_key",
+}
+
 
 class ClientHeaders:
     """The request headers the API reads, found in one pass over the raw ASGI list.
@@ -22,21 +29,20 @@ class ClientHeaders:
     The first Content-Length and Async-Mode win; every Prefer counts.
     """
 
-    __slots__ = ("async_mode", "content_length", "prefer")
+    __slots__ = ("async_mode", "content_length", "idempotency_key", "prefer")
 
     def __init__(self, request: Request) -> None:
         self.content_length: str | None = None
         self.async_mode: str | None = None
+        self.idempotency_key: str | None = None
         self.prefer: list[str] = []
         for name, value in request.scope["headers"]:
-            if name == b"content-length":
-                if self.content_length is None:
-                    self.content_length = value.decode("latin-1")
-            elif name == b"async-mode":
-                if self.async_mode is None:
-                    self.async_mode = value.decode("latin-1")
-            elif name == b"prefer":
+            if name == b"prefer":
                 self.prefer.append(value.decode("latin-1"))
+                continue
+            attribute = _FIRST_WINS.get(name)
+            if attribute is not None and getattr(self, attribute) is None:
+                setattr(self, attribute, value.decode("latin-1"))
 
 
 async def read_body(request: Request, headers: ClientHeaders, limit_bytes: int) -> bytes:

@@ -8,11 +8,17 @@ from typing import Any
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from service.schemas import ErrorResponse, json_encoder
+from service.schemas import AcceptedResponse, ErrorResponse, json_encoder
 
 JSON_CONTENT_TYPE = (b"content-type", b"application/json")
 # Where a response leaves its status for InstrumentMiddleware (see there).
 STATUS_KEY = "service.status"
+
+# The contract's fixed messages (../shared/API.md), byte for byte.
+ACCEPTED_MESSAGE = "Request received. Processing asynchronously."
+STILL_PROCESSING = "Prediction is still being processed."
+NOT_FOUND = "Prediction ID not found."
+CANCELED = "Prediction was canceled."
 
 
 class NotedResponse(Response):
@@ -57,3 +63,12 @@ def error_response(
 ) -> JsonResponse:
     """The contract's one error shape: {"error": "<message>"}."""
     return JsonResponse(ErrorResponse(message), status_code, headers=headers)
+
+
+def accepted_response(prediction_id: str) -> JsonResponse:
+    """The 202 of an async submit, with where to ask for the prediction."""
+    return JsonResponse(
+        AcceptedResponse(ACCEPTED_MESSAGE, prediction_id),
+        202,
+        headers={"Location": f"/predict/{prediction_id}"},
+    )
