@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -107,3 +108,46 @@ async def sleeps_then_names_its_process(text: str) -> str:
         await anyio.Path(calls_dir, f"{os.getpid()}-{uuid.uuid4().hex}").touch()
     await anyio.sleep(float(text))
     return str(os.getpid())
+
+
+# When each call of `notes_cancellation` began (time.monotonic()), by input,
+# and the inputs whose call saw a cancellation. Cleared by the tests that use them.
+started_at: dict[str, float] = {}
+cancelled: list[str] = []
+
+
+async def notes_cancellation(text: str) -> str:
+    """Sleeps the seconds its input says ("30", or "0.3-tag"), noting its start and a cancel.
+
+    A cancellation of the call (CancelledError) is noted in `cancelled`, then re-raised.
+    """
+    started_at[text] = time.monotonic()
+    try:
+        await anyio.sleep(float(text.partition("-")[0]))
+    except asyncio.CancelledError:
+        cancelled.append(text)
+        raise
+    return text
+
+
+# The inputs `blocks_as_told` has finished with (its thread returned), and
+# the most of its calls that ever ran at once.
+blocking_done: list[str] = []
+blocking_most_at_once = 0
+_blocking_now = 0
+_blocking_lock = threading.Lock()
+
+
+def blocks_as_told(text: str) -> str:
+    """Blocks its thread the seconds its input says ("1.0", or "1.0-tag"): no cancel reaches it."""
+    global _blocking_now, blocking_most_at_once  # noqa: PLW0603 - a test model's counters
+    with _blocking_lock:
+        _blocking_now += 1
+        blocking_most_at_once = max(blocking_most_at_once, _blocking_now)
+    try:
+        time.sleep(float(text.partition("-")[0]))
+    finally:
+        with _blocking_lock:
+            _blocking_now -= 1
+    blocking_done.append(text)
+    return text

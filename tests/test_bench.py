@@ -31,6 +31,13 @@ QUICK = {
     "memory": 600,
 }
 CAPACITY_KEYS = {"capacity", "capacity_put_back", "burst"}
+LINE_KEYS = {
+    "line_ahead_scaling",
+    "line_dict_scaling",
+    "line_ahead_speedup",
+    "line_churn_scaling",
+    "line_churn_speedup",
+}
 
 
 def run_bench(rabbitmq_url: str, out_dir: Path, *args: str) -> dict[str, Any]:
@@ -59,7 +66,8 @@ def bench_queues(rabbitmq_url: str) -> list[str]:
 def test_quick_run_measures_every_figure(rabbitmq_url: str, tmp_path: Path) -> None:
     document = run_bench(rabbitmq_url, tmp_path, "--loadgen", "python")
     rows = rows_by_key(document)
-    assert set(rows) == HTTP_KEYS | PIPELINE_KEYS | STATE_KEYS | CAPACITY_KEYS | {"memory"}
+    expected = HTTP_KEYS | PIPELINE_KEYS | STATE_KEYS | CAPACITY_KEYS | LINE_KEYS | {"memory"}
+    assert set(rows) == expected
     for row in rows.values():
         assert len(row["ratios"]) == len(row["values"]) >= 1
         # Put-backs may well be none at all.

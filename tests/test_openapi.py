@@ -10,7 +10,9 @@ since random requests against an instant mock never reach those.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -37,6 +39,7 @@ from tests.support import (
     free_port,
     live_app,
     settings_for_test,
+    submit_async,
     wait_finished,
 )
 
@@ -44,15 +47,17 @@ REF = "#/components/schemas/{name}"
 JSON = "application/json"
 
 # Every route, its method, and the statuses API.md (and the README, for the
-# sync 500) promise, with the component each answer's body has.
+# sync 500) promise, with the component each answer's body has. The 503 of
+# the routes that read a prediction: the event log cannot be read right now.
 ERROR = "ErrorResponse"
 CONTRACT: dict[tuple[str, str], dict[str, str | None]] = {
     ("post", "/predict"): {
         "200": "PredictResponse",
         "202": "AcceptedResponse",
-        "400": ERROR,
+        "400": ERROR,  # not JSON, or a malformed Idempotency-Key
+        "410": ERROR,  # sync, keyed, and its prediction was canceled
         "413": ERROR,
-        "422": ERROR,
+        "422": ERROR,  # not {"input": "<string>"}, or a key reused with another body
         "500": ERROR,
         "503": ERROR,
     },
@@ -60,7 +65,19 @@ CONTRACT: dict[tuple[str, str], dict[str, str | None]] = {
         "200": "PredictionResponse",
         "400": ERROR,
         "404": ERROR,
+        "410": ERROR,
         "500": ERROR,
+        "503": ERROR,
+    },
+    ("get", "/predict/{prediction_id}/status"): {
+        "200": "PredictionStatus",
+        "404": ERROR,
+        "503": ERROR,
+    },
+    ("post", "/predict/{prediction_id}/cancel"): {
+        "200": "PredictionStatus",
+        "404": ERROR,
+        "503": ERROR,
     },
     ("get", "/healthz"): {"200": "StatusResponse"},
     ("get", "/readyz"): {"200": "StatusResponse", "503": ERROR},
@@ -69,6 +86,18 @@ CONTRACT: dict[tuple[str, str], dict[str, str | None]] = {
     ("get", "/docs"): {"200": None},
 }
 MEDIA_TYPES = {"/metrics": "text/plain", "/docs": "text/html"}
+STATUS_KEYS = [
+    "prediction_id",
+    "status",
+    "input",
+    "result",
+    "error",
+    "created_at",
+    "started_at",
+    "completed_at",
+    "attempts",
+    "queued_ahead",
+]
 
 
 def http_types() -> list[type[msgspec.Struct]]:
@@ -147,18 +176,30 @@ def _headers(operation: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def test_request_headers_are_documented(document: dict[str, Any]) -> None:
     predict = _headers(document["paths"]["/predict"]["post"])
-    assert set(predict) == {"Async-Mode", "Prefer"}
+    assert set(predict) == {"Async-Mode", "Prefer", "Idempotency-Key"}
     for parameter in predict.values():
         assert parameter["required"] is False
         assert parameter["schema"] == {"type": "string"}
     assert "respond-async" in predict["Prefer"]["description"]
+    assert "255" in predict["Idempotency-Key"]["description"]
 
     get_prediction = document["paths"]["/predict/{prediction_id}"]["get"]
     assert set(_headers(get_prediction)) == {"Prefer"}
     assert "wait=N" in _headers(get_prediction)["Prefer"]["description"]
-    (path_parameter,) = [p for p in get_prediction["parameters"] if p["in"] == "path"]
+
+
+@pytest.mark.parametrize("operation", [op for op in CONTRACT if "{prediction_id}" in op[1]])
+def test_prediction_id_is_a_required_path_parameter(
+    document: dict[str, Any], operation: tuple[str, str]
+) -> None:
+    method, path = operation
+    parameters = document["paths"][path][method]["parameters"]
+    (path_parameter,) = [p for p in parameters if p["in"] == "path"]
     assert path_parameter["name"] == "prediction_id"
     assert path_parameter["required"] is True
+    assert path_parameter["schema"] == {"type": "string"}
+    if path != "/predict/{prediction_id}":
+        assert _headers(document["paths"][path][method]) == {}
 
 
 def test_response_headers_are_documented(document: dict[str, Any]) -> None:
@@ -166,7 +207,15 @@ def test_response_headers_are_documented(document: dict[str, Any]) -> None:
     assert "Location" in predict["202"]["headers"]
     assert "Retry-After" in predict["503"]["headers"]
     polled = document["paths"]["/predict/{prediction_id}"]["get"]["responses"]
-    assert "Preference-Applied" in polled["200"]["headers"]
+    # A long poll may end in any of its answers, a cancel's 410 among them.
+    for status in ("200", "400", "404", "410", "500"):
+        assert "Preference-Applied" in polled[status]["headers"], status
+    for path, method in [
+        ("/predict/{prediction_id}", "get"),
+        ("/predict/{prediction_id}/status", "get"),
+        ("/predict/{prediction_id}/cancel", "post"),
+    ]:
+        assert "Retry-After" in document["paths"][path][method]["responses"]["503"]["headers"]
 
 
 def test_component_schemas_are_the_msgspec_types(document: dict[str, Any]) -> None:
@@ -178,9 +227,14 @@ def test_component_schemas_are_the_msgspec_types(document: dict[str, Any]) -> No
         "PredictionResponse",
         "ErrorResponse",
         "StatusResponse",
+        "PredictionStatus",
     }
     _, components = msgspec.json.schema_components(types, ref_template=REF)
     assert document["components"]["schemas"] == msgspec.json.decode(msgspec.json.encode(components))
+    # API.md's status body: these keys, in this order, every one always there.
+    status = document["components"]["schemas"]["PredictionStatus"]
+    assert list(status["properties"]) == STATUS_KEYS
+    assert status["required"] == STATUS_KEYS
     body = document["paths"]["/predict"]["post"]["requestBody"]
     assert body["required"] is True
     assert body["content"] == {JSON: {"schema": {"$ref": REF.format(name="PredictRequest")}}}
@@ -189,10 +243,13 @@ def test_component_schemas_are_the_msgspec_types(document: dict[str, Any]) -> No
 # -- (b) schemathesis against the live service ------------------------------
 
 # The contract's only server errors: anything else (or a 500 that is not a
-# model failure, e.g. the catch-all "Internal server error.") is a bug.
+# model failure, e.g. the catch-all "Internal server error.") is a bug. The
+# routes that read a prediction answer 503 while the event log cannot be read.
 ALLOWED_5XX = {
     ("POST", "/predict"): {500, 503},
-    ("GET", "/predict/{prediction_id}"): {500},
+    ("GET", "/predict/{prediction_id}"): {500, 503},
+    ("GET", "/predict/{prediction_id}/status"): {503},
+    ("POST", "/predict/{prediction_id}/cancel"): {503},
     ("GET", "/readyz"): {503},
 }
 
@@ -211,7 +268,7 @@ def no_undocumented_server_error(
         assert msgspec.json.decode(response.content)["error"].startswith("Prediction failed: "), (
             f"500 that is not a model failure: {response.text[:300]}"
         )
-    if status == 503 and operation == ("POST", "/predict"):
+    if status == 503 and operation != ("GET", "/readyz"):
         assert "retry-after" in {name.lower() for name in response.headers}
     return None
 
@@ -248,17 +305,34 @@ def api_schema(service: ServiceProcess) -> schemathesis.BaseSchema:
 
 
 def interesting_parameters(path: str, known_ids: list[str]) -> st.SearchStrategy[dict[str, Any]]:
-    """Fixed parameters that reach other answers: 202, a done prediction, a long poll."""
+    """Fixed parameters that reach other answers.
+
+    202, a keyed submit (its first answer, a repeat, a reuse with another
+    body, a malformed key), a done prediction, a long poll, and the status
+    and cancel of a done prediction (which a cancel leaves as it is).
+    """
     if path == "/predict":
-        headers = [{"Async-Mode": "true"}, {"Async-Mode": "TRUE"}, {"Prefer": "respond-async"}]
+        headers = [
+            {"Async-Mode": "true"},
+            {"Async-Mode": "TRUE"},
+            {"Prefer": "respond-async"},
+            {"Idempotency-Key": '"k-1"'},
+            {"Idempotency-Key": "k-2", "Async-Mode": "true"},
+            {"Idempotency-Key": '""'},
+        ]
         return st.fixed_dictionaries({"headers": st.sampled_from(headers)})
+    known: st.SearchStrategy[dict[str, str]] = st.builds(
+        dict, prediction_id=st.sampled_from(known_ids)
+    )
     if path == "/predict/{prediction_id}":
         return st.fixed_dictionaries(
             {
-                "path_parameters": st.builds(dict, prediction_id=st.sampled_from(known_ids)),
+                "path_parameters": known,
                 "headers": st.sampled_from([{}, {"Prefer": "wait=0.5"}]),
             }
         )
+    if path in ("/predict/{prediction_id}/status", "/predict/{prediction_id}/cancel"):
+        return st.fixed_dictionaries({"path_parameters": known})
     return st.just({})
 
 
@@ -273,6 +347,8 @@ FUZZED = [
 REACHED = {
     ("POST", "/predict", GenerationMode.POSITIVE): {200, 202},
     ("GET", "/predict/{prediction_id}", GenerationMode.POSITIVE): {200, 404},
+    ("GET", "/predict/{prediction_id}/status", GenerationMode.POSITIVE): {200, 404},
+    ("POST", "/predict/{prediction_id}/cancel", GenerationMode.POSITIVE): {200, 404},
     ("POST", "/predict", GenerationMode.NEGATIVE): {400, 422},
 }
 
@@ -377,6 +453,92 @@ async def test_every_documented_answer_matches_the_document(rabbitmq_url: str) -
             await api.request(200, "GET", route)
 
 
+async def test_every_lifecycle_answer_matches_the_document(rabbitmq_url: str) -> None:
+    """Status in every state, cancels, a canceled prediction's 410s, and keyed submits."""
+    settings = settings_for_test(
+        rabbitmq_url,
+        predictor="tests.predictors:sleeps_as_told",  # "60" sleeps 60 s, "x" fails
+        max_attempts=1,
+        model_concurrency=1,  # one runs, the next waits in line
+    )
+    async with live_app(settings) as live:
+        document = (await live.client.get("/openapi.json")).json()
+        api = Conformance(document, live.client)
+        post, poll = "/predict", "/predict/{prediction_id}"
+        status, cancel = "/predict/{prediction_id}/status", "/predict/{prediction_id}/cancel"
+
+        async def status_is(prediction_id: str, expected: str) -> dict[str, Any]:
+            body: dict[str, Any] = (await api.request(200, "GET", status, prediction_id)).json()
+            assert body["status"] == expected, body
+            return body
+
+        # Finished, either way: a cancel leaves it as it is.
+        for text, outcome in (("0", "succeeded"), ("x", "failed")):
+            prediction_id = await submit_async(live.client, text)
+            await wait_finished(live.client, prediction_id)
+            finished = await status_is(prediction_id, outcome)
+            unchanged = await api.request(200, "POST", cancel, prediction_id)
+            assert unchanged.json() == finished
+
+        # Canceled while queued, and while processing.
+        running = await submit_async(live.client, "60")
+        waiting = await submit_async(live.client, "60")
+        with anyio.fail_after(10):
+            while (await api.request(200, "GET", status, running)).json()["status"] == "queued":
+                await anyio.sleep(0.02)
+        await status_is(running, "processing")
+        assert (await status_is(waiting, "queued"))["queued_ahead"] is not None
+        # A long poll of the waiting one wakes with the cancel's 410.
+        long_poll = asyncio.create_task(
+            live.client.get(f"/predict/{waiting}", headers={"Prefer": "wait=10"})
+        )
+        with anyio.fail_after(5):
+            while live.services.store.waiting == 0:
+                await anyio.sleep(0.01)
+        for prediction_id in (waiting, running):
+            canceled = await api.request(200, "POST", cancel, prediction_id)
+            assert canceled.json()["status"] == "canceled"
+            assert await status_is(prediction_id, "canceled") == canceled.json()
+            await api.request(410, "GET", poll, prediction_id)
+            await api.request(200, "POST", cancel, prediction_id)  # again: idempotent
+        woken = await long_poll
+        api.check(410, "GET", poll, woken, waiting)
+        assert woken.headers["preference-applied"] == "wait=10"
+
+        await api.request(404, "GET", status, "no-such-prediction")
+        await api.request(404, "POST", cancel, "no-such-prediction")
+
+        # Idempotency-Key: malformed; a repeat; a reuse with another body.
+        await api.request(400, "POST", post, json={"input": "0"}, headers={"Idempotency-Key": '""'})
+        keyed = {"Idempotency-Key": '"k-1"', "Async-Mode": "true"}
+        first = await api.request(202, "POST", post, json={"input": "0"}, headers=keyed)
+        repeat = await api.request(202, "POST", post, json={"input": "0"}, headers=keyed)
+        assert repeat.json() == first.json()
+        await api.request(422, "POST", post, json={"input": "0.0"}, headers=keyed)
+        await api.request(
+            422, "POST", post, json={"input": "0.0"}, headers={"Idempotency-Key": "k-1"}
+        )
+        # Sync and keyed: the model's answer, its failure, or its cancel.
+        sync = await api.request(
+            200, "POST", post, json={"input": "0"}, headers={"Idempotency-Key": "k-2"}
+        )
+        assert sync.json() == {"input": "0", "result": "0"}
+        await api.request(
+            500, "POST", post, json={"input": "x"}, headers={"Idempotency-Key": "k-3"}
+        )
+        doomed = await api.request(
+            202,
+            "POST",
+            post,
+            json={"input": "60"},
+            headers={"Idempotency-Key": "k-4", "Async-Mode": "true"},
+        )
+        await api.request(200, "POST", cancel, doomed.json()["prediction_id"])
+        await api.request(
+            410, "POST", post, json={"input": "60"}, headers={"Idempotency-Key": "k-4"}
+        )
+
+
 async def test_broker_outage_answers_match_the_document(rabbitmq_url: str) -> None:
     nowhere = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
     settings = settings_for_test(nowhere, broker_connect_timeout_s=60)
@@ -389,3 +551,11 @@ async def test_broker_outage_answers_match_the_document(rabbitmq_url: str) -> No
             )
         await api.request(503, "GET", "/readyz")
         await api.request(200, "GET", "/healthz")
+        # Whether an id the service could have issued exists: the log cannot tell.
+        issued = str(uuid.uuid4())
+        await api.request(503, "GET", "/predict/{prediction_id}", issued)
+        await api.request(503, "GET", "/predict/{prediction_id}/status", issued)
+        await api.request(503, "POST", "/predict/{prediction_id}/cancel", issued)
+        await api.request(
+            503, "POST", "/predict", json={"input": "x"}, headers={"Idempotency-Key": "k-1"}
+        )

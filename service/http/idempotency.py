@@ -28,7 +28,8 @@ KEY_MAX_CHARS = 255
 # and \\ escaped; or, accepted too, a bare token. Either way the key itself
 # is 1 to 255 visible ASCII characters (no blank).
 _SF_STRING = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*)"')
-_BARE_TOKEN = re.compile(r"[\x21-\x7e]+")
+_BARE_TOKEN = re.compile(r"[\x21\x23-\x7e]+")  # no quote: '"k-1' is a broken string
+_VISIBLE = re.compile(r"[\x21-\x7e]+")
 _UNESCAPE = re.compile(r"\\([\"\\])")
 
 REUSED = "Idempotency-Key reused with a different request."
@@ -43,7 +44,7 @@ def parse_key(raw: str | None) -> str | None:
     key = _UNESCAPE.sub(r"\1", quoted.group(1)) if quoted else text
     if not quoted and _BARE_TOKEN.fullmatch(text) is None:
         key = ""
-    if not 1 <= len(key) <= KEY_MAX_CHARS or _BARE_TOKEN.fullmatch(key) is None:
+    if not 1 <= len(key) <= KEY_MAX_CHARS or _VISIBLE.fullmatch(key) is None:
         raise ApiError(
             400,
             "Malformed Idempotency-Key: expected a quoted string (or a bare token) of "

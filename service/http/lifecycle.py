@@ -182,6 +182,8 @@ async def submit_keyed(
     prediction_id = prediction_id_for(key, services.settings.broker_namespace)
     request_fingerprint = fingerprint(request)
     found = await find(services, prediction_id)
+    if isinstance(found, Pending) and not found.logged:
+        found = None  # a submit of this replica still on its way: the stream decides
     fresh = found is None
     if found is None:
         found = await _submit(services, prediction_id, request, request_fingerprint)
