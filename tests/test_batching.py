@@ -255,7 +255,8 @@ async def test_an_outcome_unconfirmed_during_a_memory_alarm_is_kept_uncharged(
         # batch is acked: never requeued, never run again.
         for prediction_id in ids:
             assert (await wait_finished(live.client, prediction_id)).status_code == 200
-        messages = await _stream_messages(settings, enough=2 * len(ids) + 1)
+        # Each task's accepted, started and done events, and a marker.
+        messages = await _stream_messages(settings, enough=3 * len(ids) + 1)
         done = [e["prediction_id"] for m in messages for e in _events(m) if e["kind"] == "done"]
         assert sorted(done) == sorted(ids)
         assert await metric(live.client, "model_latency_seconds_count") == len(ids)
