@@ -49,7 +49,7 @@ from yarl import URL
 
 from service.decision import DELAY_LEVELS
 from service.metrics import Metrics
-from service.schemas import Envelope, event_count, json_encoder
+from service.schemas import Publishable, event_count, json_encoder
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,11 @@ TASK_KEY = "task"  # routes to the work queue and the stream
 EVENT_KEY = "event"  # routes to the stream only
 RETRY_KEY = "retry"  # routes to the work queue only: tasks a worker puts back
 DEAD_KEY = "dead"  # routes to the dead-letter queue only: tasks a worker gave up
+WEBHOOK_KEY = "webhook"  # routes to the webhook deliveries owed (with WEBHOOK_SECRET)
+# A delivery to retry waits in the delay queue of its wait's power of two
+# (1 s, 2 s, ... 2**17 s, beyond any WEBHOOK_RETRY_FOR_S of a day or so):
+# every message of one queue has a TTL within 2x of the others'.
+WEBHOOK_DELAY_LEVELS = 18
 # A failed task waits out its backoff in the delay queue of its level
 # (service/decision.py): one queue per level, so that every message in one
 # has about the same delay, since a queue expires messages only at its head.
@@ -131,10 +136,19 @@ class Names:
         """The delay queue of retries after `level` failed attempts."""
         return f"{self.exchange}.retry.{level}"
 
+    @property
+    def webhooks(self) -> str:
+        return f"{self.exchange}.webhooks"
+
+    def webhook_delay(self, level: int) -> str:
+        """The delay queue of webhook retries waiting up to 2**level seconds."""
+        return f"{self.exchange}.webhooks.delay.{level}"
+
     async def delete(self, channel: aio_pika.abc.AbstractChannel) -> None:
         """Remove every queue and exchange of this namespace (tests and benchmarks clean up)."""
         delays = [self.delay(level) for level in range(1, DELAY_LEVELS + 1)]
-        for queue in (self.tasks, self.events, self.dead, *delays):
+        delays += [self.webhook_delay(level) for level in range(WEBHOOK_DELAY_LEVELS)]
+        for queue in (self.tasks, self.events, self.dead, self.webhooks, *delays):
             await channel.queue_delete(queue)
         for exchange in (self.exchange, self.dead):
             await channel.exchange_delete(exchange)
@@ -306,6 +320,9 @@ class Broker:
         self.events_channel: aio_pika.abc.AbstractRobustChannel
         self.exchange: aio_pika.abc.AbstractExchange
         self.tasks_queue: aio_pika.abc.AbstractQueue
+        # Declared with WEBHOOK_SECRET only (service/webhooks/).
+        self.webhooks_channel: aio_pika.abc.AbstractRobustChannel | None = None
+        self.webhooks_queue: aio_pika.abc.AbstractQueue | None = None
         self.events_queue: aio_pika.abc.AbstractRobustQueue
 
     async def connect(self) -> None:
@@ -340,7 +357,7 @@ class Broker:
         await self._down.wait()
 
     async def publish(
-        self, envelope: Envelope, routing_key: str, *, expires_after_s: float | None = None
+        self, envelope: Publishable, routing_key: str, *, expires_after_s: float | None = None
     ) -> None:
         """Publish persistently, wait for the broker's confirm, and count it."""
         if not self.is_up:
@@ -410,6 +427,24 @@ class Broker:
         for key in (TASK_KEY, EVENT_KEY):
             await self.events_queue.bind(self.exchange, key)
         await self.events_queue.bind(dead_exchange)
+        if settings.webhook_secret:
+            await self._declare_webhooks(connection)
+
+    async def _declare_webhooks(self, connection: aio_pika.abc.AbstractRobustConnection) -> None:
+        names = self.names
+        # A channel of its own: its prefetch is WEBHOOK_CONCURRENCY.
+        channel = await _open_channel(connection, self.settings.webhook_concurrency)
+        self.webhooks_channel = channel
+        self.webhooks_queue = await channel.declare_queue(
+            names.webhooks, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        await self.webhooks_queue.bind(names.exchange, WEBHOOK_KEY)
+        arguments = _delay_queue_arguments(names) | {"x-dead-letter-routing-key": WEBHOOK_KEY}
+        for level in range(WEBHOOK_DELAY_LEVELS):
+            delay_queue = await channel.declare_queue(
+                names.webhook_delay(level), durable=True, arguments=arguments
+            )
+            await delay_queue.bind(names.exchange, webhook_delay_key(level))
 
     def _on_connection_lost(self, _: object, exc: BaseException | None = None) -> None:
         # Called when the connection drops, then once per failed attempt to reconnect.
@@ -480,8 +515,14 @@ def delay_key(level: int) -> str:
     return f"delay.{level}"
 
 
+def webhook_delay_key(level: int) -> str:
+    return f"webhook.delay.{level}"
+
+
 def _metric_label(routing_key: str) -> str:
     # One series for every delay level.
+    if routing_key.startswith("webhook.delay."):
+        return "webhook_delay"
     return "delay" if routing_key.startswith("delay.") else routing_key
 
 

@@ -18,8 +18,15 @@ import msgspec
 # -- HTTP -------------------------------------------------------------------
 
 
+WebhookEvent = Literal["start", "completed"]
+
+
 class PredictRequest(msgspec.Struct):
     input: str
+    # Async only: POST the status body to this URL when the prediction starts
+    # and/or completes (service/webhooks/), as the filter says.
+    webhook: str | None = None
+    webhook_events_filter: list[WebhookEvent] | None = None
 
 
 class PredictResponse(msgspec.Struct):
@@ -89,6 +96,9 @@ class Accepted(msgspec.Struct, tag="accepted", tag_field="kind", gc=False, omit_
     # answer 422 to the same key with another body.
     nonce: str = ""
     fingerprint: str = ""
+    # Where to tell the client of its prediction's start and end, and which.
+    webhook: str = ""
+    webhook_events: tuple[WebhookEvent, ...] = ()
 
 
 class Started(msgspec.Struct, tag="started", tag_field="kind", gc=False):
@@ -133,6 +143,25 @@ class Marker(msgspec.Struct, tag="marker", tag_field="kind", gc=False):
     at_s: float = 0.0
 
 
+class WebhookJob(msgspec.Struct, tag="webhook", tag_field="kind", gc=False):
+    """A webhook delivery owed: a message of its own queue until delivered or given up.
+
+    `first_at_s` is when it was first owed (retries stop WEBHOOK_RETRY_FOR_S
+    after it); `tries` the deliveries tried so far.
+    """
+
+    prediction_id: str
+    event: WebhookEvent
+    url: str
+    first_at_s: float
+    tries: int = 0
+
+    @property
+    def webhook_id(self) -> str:
+        """The same on every try of one event (receivers dedupe by it)."""
+        return f"msg_{self.prediction_id}_{self.event}"
+
+
 class TaskBatch(msgspec.Struct, tag="tasks", tag_field="kind", gc=False):
     """Tasks accepted in the same instant, published as one message.
 
@@ -164,11 +193,14 @@ class EventBatch(msgspec.Struct, tag="events", tag_field="kind", gc=False):
 # What one broker message carries: an event, or a batch of events made together.
 # ("message" alone means the broker's message, as aio-pika hands it over.)
 Envelope = Event | TaskBatch | OutcomeBatch | EventBatch
+# Everything the service publishes: envelopes, and webhook deliveries owed.
+Publishable = Envelope | WebhookJob
 
 json_encoder = msgspec.json.Encoder()
 request_decoder = msgspec.json.Decoder(PredictRequest)
 task_decoder = msgspec.json.Decoder(Accepted | TaskBatch)
 envelope_decoder = msgspec.json.Decoder(Envelope)
+webhook_job_decoder = msgspec.json.Decoder(WebhookJob)
 
 
 def batched(events: Sequence[Event]) -> Envelope:
@@ -195,7 +227,7 @@ def events_of(envelope: Envelope) -> list[Event]:
     return [envelope]
 
 
-def event_count(envelope: Envelope) -> int:
+def event_count(envelope: Publishable) -> int:
     if isinstance(envelope, TaskBatch):
         return len(envelope.tasks)
     if isinstance(envelope, OutcomeBatch):

@@ -7,6 +7,8 @@ lists them all; keep the two in step.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import os
 import re
@@ -62,6 +64,17 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", forbid_unknown_field
     # Most events one broker message carries; 1 publishes each alone, as
     # versions before batching did and as they need to read (rolling upgrade).
     publish_batch_max: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 64
+    # Webhooks (the Standard Webhooks spec): off without a secret, whsec_<base64>.
+    webhook_secret: str = ""
+    webhook_timeout_s: Positive = 10
+    # How long a delivery is retried before it is given up (dead).
+    webhook_retry_for_s: Positive = 86_400
+    # Deliveries at once, in all and to one endpoint (scheme, host and port).
+    webhook_concurrency: PrefetchCount = 64
+    webhook_endpoint_concurrency: PositiveInt = 4
+    # Let webhooks reach loopback, private and link-local addresses (tests, a
+    # private network you trust); off, such a URL is refused (SSRF).
+    webhook_allow_private_networks: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 
@@ -76,6 +89,10 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", forbid_unknown_field
             # Said at once: aio-pika would retry a malformed URL until
             # BROKER_CONNECT_TIMEOUT_S, then fail with an empty reason.
             raise ValueError("RABBITMQ_URL must start with amqp:// or amqps://")
+        if self.webhook_secret and webhook_key(self.webhook_secret) is None:
+            raise ValueError(
+                "WEBHOOK_SECRET must be whsec_ followed by base64 (the Standard Webhooks format)"
+            )
         if self.model_delay_min_s > self.model_delay_max_s:
             raise ValueError(
                 f"MODEL_DELAY_MIN_S={self.model_delay_min_s:g} must not exceed "
@@ -97,6 +114,17 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", forbid_unknown_field
     def with_changes(self, **changes: object) -> Settings:
         """A copy with some fields replaced (tests and benchmarks use this)."""
         return msgspec.structs.replace(self, **changes)
+
+
+def webhook_key(secret: str) -> bytes | None:
+    """The HMAC key of a whsec_<base64> secret; None if malformed."""
+    encoded = secret.removeprefix("whsec_")
+    if encoded == secret or not encoded:
+        return None
+    try:
+        return base64.b64decode(encoded, validate=True) or None
+    except (binascii.Error, ValueError):
+        return None
 
 
 def _normalise(key: str, value: str) -> str:
