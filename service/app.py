@@ -9,10 +9,12 @@ predictions and /healthz work while the broker is still coming up, and
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -40,6 +42,7 @@ from service.services import Services
 from service.settings import Settings
 from service.statedir import StateDir
 from service.store import ResultStore
+from service.webhooks.sender import WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +138,21 @@ def _build_services(
     )
     store.on_canceled.append(worker.stop_canceled_run)
     metrics.track_stream(follower)
-    return Services(settings, store, runner, broker, journal, follower, worker, metrics, state_dir)
+    services = Services(
+        settings, store, runner, broker, journal, follower, worker, metrics, state_dir
+    )
+    if not settings.webhook_secret:
+        return services
+    # Its bodies are status bodies, built as GET /predict/{id}/status builds them.
+    sender = WebhookSender(
+        broker,
+        settings,
+        metrics,
+        partial(lifecycle.current_status, services),
+        read_up_to_now=follower.fences.wait,
+    )
+    metrics.webhooks_owed.set_function(lambda: sender.owed)
+    return dataclasses.replace(services, webhooks=sender)
 
 
 def startup_line(settings: Settings) -> str:

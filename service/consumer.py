@@ -32,7 +32,14 @@ import aio_pika.exceptions
 import anyio
 import msgspec
 
-from service.broker import DEAD_KEY, RETRY_KEY, Broker, BrokerUnavailable, delay_key
+from service.broker import (
+    DEAD_KEY,
+    RETRY_KEY,
+    WEBHOOK_KEY,
+    Broker,
+    BrokerUnavailable,
+    delay_key,
+)
 from service.decision import (
     Decision,
     Known,
@@ -58,10 +65,13 @@ from service.metrics import Metrics
 from service.model import ModelError, ModelRunner
 from service.schemas import (
     Accepted,
-    Envelope,
+    Canceled,
     Failed,
+    Publishable,
     Started,
     TaskBatch,
+    WebhookEvent,
+    WebhookJob,
     batched,
     task_decoder,
 )
@@ -294,18 +304,23 @@ class TaskWorker:
         try:
             async with self._slots.held():
                 if self._canceled(task.prediction_id):
-                    return None  # canceled while it waited: the outcome is on the stream
+                    return self._canceled_outcome(task)  # canceled while it waited
                 if _delivery_lost(message):
                     # It waited for a slot through a dropped connection: its
                     # redelivery runs it, and is told this return was no run.
                     self._not_started.note(task.prediction_id)
                     raise DeliveryLost
-                return await self._run(task, crashes, run)
+                return await self._run(task, crashes, run, message)
         except SlotsClosed:
             # Stopping before its turn: back on the work queue with its count.
             await self._put_back([charge(task, task.attempts + crashes)], RETRY_KEY, message)
             self._metrics.put_back_stopping.inc()
             return None
+
+    def _canceled_outcome(self, task: Accepted) -> Record:
+        """Recorded again: a no-op on the stream (the cancel came first), and
+        it settles the task the way every outcome does, webhook included."""
+        return Record(Canceled(task.prediction_id, task.input, time.time()))
 
     def _canceled(self, prediction_id: str) -> bool:
         found = self._journal.store.get(prediction_id)
@@ -320,18 +335,24 @@ class TaskWorker:
             return Known(outcome_of(task.prediction_id, known))
         return NotRun(joining=running is not None)
 
-    async def _run(self, task: Accepted, crashes: int, run: Run) -> Decision | None:
+    async def _run(self, task: Accepted, crashes: int, run: Run, message: MessageT) -> Decision:
         prediction_id = task.prediction_id
         started_at_s = time.time()
         if prediction_id not in self._runs:
-            self._journal.started(Started(prediction_id, run.attempt, started_at_s))
+            started = Started(prediction_id, run.attempt, started_at_s)
+            if _owes(task, "start") and not task.attempts:  # a first run, not a retry
+                # On the stream before the webhook is owed, so its body shows it.
+                await self._journal.record_started(started)
+                await self._owe_webhook(task, "start", message)
+            else:
+                self._journal.started(started)
         try:
             result, joined = await self._runs.predict(prediction_id, task.input)
         except ModelError as exc:
             _log_failed_attempt(prediction_id, run.attempt, exc)
             return self._decide(task, crashes, Raised(str(exc), started_at_s=started_at_s))
         except RunCanceled:
-            return None  # its Canceled is the outcome, on the stream already
+            return self._canceled_outcome(task)
         if not joined:
             # A joined run is counted by the delivery that started it.
             self._metrics.completed_async.inc()
@@ -373,8 +394,18 @@ class TaskWorker:
             # finds the failure known and sends no copy.
             await self._put_back([dead], DEAD_KEY, message, even_if_lost=True)
             self._metrics.dead_lettered.labels("model_failed").inc()
+        # Owed before the task is acked: a kill -9 now brings the task back,
+        # and its redelivery finds the outcome known and owes it again.
+        await self._owe_webhook(task, "completed", message)
         if _delivery_lost(message):
             raise DeliveryLost
+
+    async def _owe_webhook(self, task: Accepted, event: WebhookEvent, message: MessageT) -> None:
+        """Queue a webhook delivery, if the client asked for this event."""
+        if not _owes(task, event):
+            return
+        job = WebhookJob(task.prediction_id, event, task.webhook, time.time())
+        await self._put_back([job], WEBHOOK_KEY, message, even_if_lost=True)
 
     async def _record(self, decision: Record) -> None:
         """Publish an outcome, retrying until the broker confirms it.
@@ -396,7 +427,7 @@ class TaskWorker:
 
     async def _put_back(
         self,
-        tasks: Sequence[Envelope],
+        tasks: Sequence[Publishable],
         routing_key: str,
         original: MessageT,
         *,
@@ -412,7 +443,7 @@ class TaskWorker:
         a delivery, and the broker would dead-letter tasks that merely
         waited for a reconnection.
         """
-        pending: list[Envelope] = list(tasks)
+        pending: list[Publishable] = list(tasks)
         while True:
             if self._broker.closed or (_delivery_lost(original) and not even_if_lost):
                 raise DeliveryLost
@@ -497,6 +528,10 @@ def _delivery_lost(message: MessageT) -> bool:
     except aio_pika.exceptions.ChannelInvalidStateError:
         return True
     return False
+
+
+def _owes(task: Accepted, event: WebhookEvent) -> bool:
+    return bool(task.webhook) and event in task.webhook_events
 
 
 def _about(task: Accepted) -> dict[str, str]:

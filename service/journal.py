@@ -10,9 +10,10 @@ through an `Outbox`, so events made in the same instant share a message.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
-from service.broker import EVENT_KEY, TASK_KEY, Broker
+from service.broker import EVENT_KEY, TASK_KEY, Broker, BrokerUnavailable
 from service.outbox import Outbox
 from service.schemas import Accepted, Canceled, Done, Failed, Outcome, Started
 from service.store import Prediction, ResultStore
@@ -41,6 +42,12 @@ class Journal:
     async def record(self, outcomes: Sequence[Outcome]) -> None:
         """Publish outcomes; the follower applies them when it reads them back."""
         await self._events.publish(outcomes)
+
+    async def record_started(self, event: Started) -> None:
+        """Tell the stream a run began, and wait for the confirm (a start webhook is owed)."""
+        # Unconfirmed, the outcome still tells the start; the webhook waits for either.
+        with contextlib.suppress(BrokerUnavailable):
+            await self._starts.publish((event,))
 
     def started(self, event: Started) -> None:
         """Tell the stream a run began, in the next batch, without waiting.

@@ -76,6 +76,8 @@ class BrokerSide:
                 await following.start(services.follower.run)
                 if self._draining is None:
                     await services.worker.start()
+                if self._draining is None and services.webhooks is not None:
+                    await services.webhooks.start()
         except BrokerUnavailable as exc:
             self.on_fatal(str(exc))
         except Exception as exc:
@@ -92,6 +94,8 @@ class BrokerSide:
                 self._running.cancel()
                 await asyncio.gather(self._running, return_exceptions=True)
             try:
+                if services.webhooks is not None:
+                    await services.webhooks.stop()
                 await services.store.close()
             finally:
                 await services.broker.close()

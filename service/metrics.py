@@ -14,6 +14,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 # The mock waits 10-17 s; user models may answer in milliseconds.
+WEBHOOK_BUCKETS_S = (0.01, 0.05, 0.1, 0.5, 1, 5, 30, 60, 300, 3600, 86400)
 MODEL_BUCKETS_S = (0.005, 0.025, 0.1, 0.5, 1, 2.5, 5, 10, 12, 14, 16, 18, 30, 60, 120)
 HTTP_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5, 10, 20, 60)
 
@@ -123,6 +124,25 @@ class Metrics:
         )
         self.long_polls = Gauge(
             "long_polls_waiting", "GET requests parked by Prefer: wait", registry=registry
+        )
+        self.webhook_deliveries = LoopCounter(
+            "webhook_deliveries",
+            "Webhook tries by event (start, completed) and outcome"
+            " (delivered, retried, gone: the receiver answered 410, dead: given up)",
+            ["event", "outcome"],
+            registry=registry,
+        )
+        self.webhook_latency = LatencyCollector(
+            "webhook_delivery_latency_seconds",
+            "From a webhook being owed to its delivery, retries included",
+            WEBHOOK_BUCKETS_S,
+        )
+        registry.register(self.webhook_latency)
+        self.webhooks_owed = Gauge(
+            "webhook_deliveries_owed",
+            "Webhook deliveries owed: waiting in the broker's webhook queues (every"
+            " replica's, counted every 5 s) plus those this replica is trying",
+            registry=registry,
         )
 
     def track(

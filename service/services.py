@@ -13,6 +13,7 @@ from service.model import ModelRunner
 from service.settings import Settings
 from service.statedir import StateDir
 from service.store import ResultStore
+from service.webhooks.sender import WebhookSender
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class Services:
     worker: TaskWorker
     metrics: Metrics
     state_dir: StateDir
+    webhooks: WebhookSender | None = None  # with WEBHOOK_SECRET only
 
     def not_ready_reason(self) -> str | None:
         """Why this replica should not get traffic yet, or None if it should."""
