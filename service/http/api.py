@@ -36,6 +36,7 @@ from service.http.responses import (
     accepted_response,
     error_response,
 )
+from service.http.webhooks import Requested, requested_webhook
 from service.metrics import CONTENT_TYPE
 from service.model import ModelError
 from service.schemas import (
@@ -88,10 +89,13 @@ async def predict(request: Request) -> Response:
     payload = decode_predict_request(body)
     key = parse_key(headers.idempotency_key)
     async_mode = wants_async(headers)
+    webhook = await requested_webhook(services.settings, payload, async_mode)
     if key is not None:
-        response = await _keyed(services, key, payload, async_mode, request.scope)
+        response = await _keyed(
+            services, key, payload, async_mode, webhook=webhook, scope=request.scope
+        )
     elif async_mode:
-        response = await _accept(services, payload.input, request.scope)
+        response = await _accept(services, payload.input, webhook, request.scope)
     else:
         return await _predict_now(services, payload.input, request.scope)
     if async_mode and "respond-async" in preferences(headers.prefer):
@@ -100,14 +104,20 @@ async def predict(request: Request) -> Response:
 
 
 async def _keyed(
-    services: Services, key: str, payload: PredictRequest, async_mode: bool, scope: Scope
+    services: Services,
+    key: str,
+    payload: PredictRequest,
+    async_mode: bool,
+    *,
+    webhook: Requested,
+    scope: Scope,
 ) -> Response:
     if async_mode:
-        return await submit_keyed(services, key, payload, async_mode)
+        return await submit_keyed(services, key, payload, async_mode, webhook)
     # A sync one waits for the outcome: cut off if its client goes away.
     scope[CANCEL_ON_DISCONNECT_KEY] = asyncio.current_task()
     try:
-        return await submit_keyed(services, key, payload, async_mode)
+        return await submit_keyed(services, key, payload, async_mode, webhook)
     except asyncio.CancelledError:
         return _cut_off(client_gone=CLIENT_GONE_KEY in scope)
     finally:
@@ -157,11 +167,13 @@ def _cut_off(*, client_gone: bool) -> Response:
     )
 
 
-async def _accept(services: Services, input: str, scope: Scope) -> Response:
+async def _accept(services: Services, input: str, webhook: Requested, scope: Scope) -> Response:
     prediction_id = str(uuid.uuid4())
     scope[ACCEPTED_ID_KEY] = prediction_id  # the request log's line names it
+    url, events = webhook
+    task = Accepted(prediction_id, input, time.time(), webhook=url, webhook_events=events)
     try:
-        await services.journal.accept(Accepted(prediction_id, input, time.time()))
+        await services.journal.accept(task)
     except BrokerUnavailable as exc:
         raise ApiError(
             503,

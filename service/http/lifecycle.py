@@ -26,6 +26,7 @@ from service.http.responses import (
     accepted_response,
     error_response,
 )
+from service.http.webhooks import Requested
 from service.schemas import (
     Accepted,
     Canceled,
@@ -171,7 +172,11 @@ async def _publish(services: Services, event: Canceled) -> None:
 
 
 async def submit_keyed(
-    services: Services, key: str, request: PredictRequest, async_mode: bool
+    services: Services,
+    key: str,
+    request: PredictRequest,
+    async_mode: bool,
+    webhook: Requested = ("", ()),
 ) -> Response:
     """Answer a keyed submit with the prediction its key names, made now if need be.
 
@@ -186,7 +191,7 @@ async def submit_keyed(
         found = None  # a submit of this replica still on its way: the stream decides
     fresh = found is None
     if found is None:
-        found = await _submit(services, prediction_id, request, request_fingerprint)
+        found = await _submit(services, prediction_id, request, request_fingerprint, webhook)
     if not _same_request(found, request, request_fingerprint):
         raise ApiError(422, REUSED)
     if not fresh:
@@ -197,12 +202,23 @@ async def submit_keyed(
 
 
 async def _submit(
-    services: Services, prediction_id: str, request: PredictRequest, request_fingerprint: str
+    services: Services,
+    prediction_id: str,
+    request: PredictRequest,
+    request_fingerprint: str,
+    webhook: Requested,
 ) -> Pending | Prediction:
     """Publish the task, then read the stream back past it: the first with this id wins."""
     nonce = uuid.uuid4().hex
+    url, events = webhook
     task = Accepted(
-        prediction_id, request.input, time.time(), nonce=nonce, fingerprint=request_fingerprint
+        prediction_id,
+        request.input,
+        time.time(),
+        nonce=nonce,
+        fingerprint=request_fingerprint,
+        webhook=url,
+        webhook_events=events,
     )
     try:
         await services.journal.accept(task)

@@ -61,6 +61,7 @@ def build_openapi(version: str, max_wait_s: float) -> dict[str, Any]:
             "/openapi.json": {"get": _text_operation("This document.", JSON)},
             "/docs": {"get": _text_operation("Interactive API docs.", "text/html")},
         },
+        "webhooks": {"prediction": {"post": _webhook_operation()}},
         "components": {"schemas": components},
     }
 
@@ -98,8 +99,9 @@ def _predict_operation() -> dict[str, Any]:
             "410": _error("Sync with an Idempotency-Key: the prediction was canceled."),
             "413": _error("The body is larger than MAX_BODY_BYTES."),
             "422": _error(
-                "The JSON is not an object with a string `input`, or the Idempotency-Key"
-                " was used before with a different request."
+                "The JSON is not an object with a string `input`, the Idempotency-Key"
+                " was used before with a different request, or the webhook cannot be"
+                " honoured (webhooks off, a sync request, not http(s), a private address)."
             ),
             "500": _error("The model failed."),
             "503": _error(
@@ -168,6 +170,22 @@ def _cancel_operation() -> dict[str, Any]:
             "404": _error("No such prediction (or it expired)."),
             "503": _unavailable(),
         },
+    }
+
+
+def _webhook_operation() -> dict[str, Any]:
+    signed = "Standard Webhooks: HMAC-SHA256 keyed by WEBHOOK_SECRET."
+    return {
+        "summary": "What the service POSTs to a request's `webhook`",
+        "description": "On `start` and `completed` (as `webhook_events_filter` asks), the"
+        " status body. Retried with backoff until a 2xx, a 410 or WEBHOOK_RETRY_FOR_S.",
+        "parameters": [
+            _header("webhook-id", "The same on every try of one event: dedupe on it."),
+            _header("webhook-timestamp", "Unix seconds of this try."),
+            _header("webhook-signature", f"`v1,<base64>`; {signed}"),
+        ],
+        "requestBody": {"required": True, "content": {JSON: {"schema": _ref(PredictionStatus)}}},
+        "responses": {"200": {"description": "Any 2xx: delivered. 410: no more tries."}},
     }
 
 
