@@ -10,6 +10,7 @@ through an `Outbox`, so events made in the same instant share a message.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Sequence
 
@@ -17,6 +18,12 @@ from service.broker import EVENT_KEY, TASK_KEY, Broker, BrokerUnavailable
 from service.outbox import Outbox
 from service.schemas import Accepted, Canceled, Done, Failed, Outcome, Started
 from service.store import Prediction, ResultStore
+
+# A run's start is told once the run has lasted this long. One that ends
+# sooner is told by its outcome alone (which carries its start and
+# attempts): a fast model then adds no event per task to the stream, and
+# nobody could have seen it processing anyway.
+START_TELL_AFTER_S = 0.05
 
 
 class Journal:
@@ -28,6 +35,7 @@ class Journal:
         # Starts batch apart from outcomes: an outcome batch stays the
         # envelope the previous version reads, during a rolling deploy.
         self._starts = Outbox(broker, EVENT_KEY)
+        self._untold: dict[str, asyncio.TimerHandle] = {}  # starts not told yet, by id
 
     async def accept(self, task: Accepted) -> None:
         """Note a new task and hand it to the broker (BrokerUnavailable if it won't)."""
@@ -41,6 +49,10 @@ class Journal:
 
     async def record(self, outcomes: Sequence[Outcome]) -> None:
         """Publish outcomes; the follower applies them when it reads them back."""
+        for outcome in outcomes:
+            untold = self._untold.pop(outcome.prediction_id, None)
+            if untold is not None:
+                untold.cancel()  # the outcome tells the start
         await self._events.publish(outcomes)
 
     async def record_started(self, event: Started) -> None:
@@ -50,12 +62,18 @@ class Journal:
             await self._starts.publish((event,))
 
     def started(self, event: Started) -> None:
-        """Tell the stream a run began, in the next batch, without waiting.
+        """Tell the stream a run began, START_TELL_AFTER_S from now, without waiting.
 
         Not waited for: the run's outcome carries the same facts, and the
-        model should not wait a broker round trip to begin.
+        model should not wait a broker round trip to begin. Starts told in
+        the same loop turn share a message.
         """
-        self._starts.post((event,))
+        loop = asyncio.get_running_loop()
+        self._untold[event.prediction_id] = loop.call_later(START_TELL_AFTER_S, self._tell, event)
+
+    def _tell(self, event: Started) -> None:
+        if self._untold.pop(event.prediction_id, None) is not None:
+            self._starts.post((event,))
 
 
 def outcome_of(prediction_id: str, entry: Prediction) -> Outcome:

@@ -46,7 +46,7 @@ async def _publish_batch(settings: Settings, inputs: list[str]) -> list[str]:
 
 
 async def _stream_messages(settings: Settings, enough: int) -> list[dict[str, Any]]:
-    """The event stream's messages from its start, until `enough` events are read."""
+    """The stream's messages from its start, until `enough` events but starts are read."""
     messages: list[dict[str, Any]] = []
     events = 0
     connection = await aio_pika.connect(settings.rabbitmq_url, timeout=5)
@@ -59,7 +59,8 @@ async def _stream_messages(settings: Settings, enough: int) -> list[dict[str, An
                 async for message in iterator:
                     await message.ack()
                     messages.append(json.loads(message.body))
-                    events += len(_events(messages[-1]))
+                    # Starts are told only for runs that last (service/journal.py).
+                    events += sum(e["kind"] != "started" for e in _events(messages[-1]))
                     if events >= enough:
                         break
     return messages
@@ -93,13 +94,12 @@ async def test_tasks_accepted_in_the_same_instant_share_one_message(live: LiveAp
     ids = [task.prediction_id for task in tasks]
     for prediction_id in ids:
         assert (await wait_finished(live.client, prediction_id)).status_code == 200
-    # Every task, start and outcome is on the stream exactly once, the tasks
+    # Every task and every outcome is on the stream exactly once, the tasks
     # in a single message.
-    messages = await _stream_messages(live.settings, enough=3 * count + 1)
+    messages = await _stream_messages(live.settings, enough=2 * count + 1)
     events = [event for message in messages for event in _events(message)]
     assert sorted(e["prediction_id"] for e in events if e["kind"] == "accepted") == sorted(ids)
     assert sorted(e["prediction_id"] for e in events if e["kind"] == "done") == sorted(ids)
-    assert sorted(e["prediction_id"] for e in events if e["kind"] == "started") == sorted(ids)
     [batch] = [m for m in messages if m["kind"] in ("accepted", "tasks")]
     assert [task["prediction_id"] for task in batch["tasks"]] == ids
     client = live.client
@@ -114,9 +114,9 @@ async def test_publish_batch_max_1_sends_every_task_alone(rabbitmq_url: str) -> 
         ids = await asyncio.gather(*(submit_async(live.client, f"one {i}") for i in range(count)))
         for prediction_id in ids:
             assert (await wait_finished(live.client, prediction_id)).status_code == 200
-        messages = await _stream_messages(live.settings, enough=3 * count + 1)
-        kinds = {message["kind"] for message in messages}
-        assert kinds == {"accepted", "started", "done", "marker"}
+        messages = await _stream_messages(live.settings, enough=2 * count + 1)
+        kinds = {message["kind"] for message in messages} - {"started"}
+        assert kinds == {"accepted", "done", "marker"}
         published = 'broker_messages_published_total{routing_key="task"}'
         assert await metric(live.client, published) == count
 
@@ -255,8 +255,7 @@ async def test_an_outcome_unconfirmed_during_a_memory_alarm_is_kept_uncharged(
         # batch is acked: never requeued, never run again.
         for prediction_id in ids:
             assert (await wait_finished(live.client, prediction_id)).status_code == 200
-        # Each task's accepted, started and done events, and a marker.
-        messages = await _stream_messages(settings, enough=3 * len(ids) + 1)
+        messages = await _stream_messages(settings, enough=2 * len(ids) + 1)
         done = [e["prediction_id"] for m in messages for e in _events(m) if e["kind"] == "done"]
         assert sorted(done) == sorted(ids)
         assert await metric(live.client, "model_latency_seconds_count") == len(ids)
@@ -317,3 +316,19 @@ async def test_a_burst_deeper_than_the_slots_runs_once_each_with_nothing_redeliv
         assert predictors.calls == dict.fromkeys(inputs, 1)
         assert await metric(live.client, 'tasks_put_back_total{reason="redelivered"}') == 0
         assert live.services.worker.intake.consumers_started > 1
+
+
+async def test_a_start_is_on_the_stream_only_for_a_run_that_lasts(rabbitmq_url: str) -> None:
+    # A run told as started at once would add an event per task; one that
+    # ends within START_TELL_AFTER_S is told by its outcome alone.
+    settings = settings_for_test(rabbitmq_url, predictor="tests.predictors:sleeps_as_told")
+    async with live_app(settings) as live:
+        quick, lasting = [await submit_async(live.client, text) for text in ("0", "0.5")]
+        for prediction_id in (quick, lasting):
+            assert (await wait_finished(live.client, prediction_id)).status_code == 200
+        messages = await _stream_messages(settings, enough=2 * 2 + 1)
+        started = [e for m in messages for e in _events(m) if e["kind"] == "started"]
+        assert [(e["prediction_id"], e["attempt"]) for e in started] == [(lasting, 1)]
+        for prediction_id in (quick, lasting):  # the outcome tells the start either way
+            status = (await live.client.get(f"/predict/{prediction_id}/status")).json()
+            assert status["attempts"] == 1 and status["started_at"] is not None
