@@ -168,6 +168,8 @@ def _allowed(kind: msgspec.inspect.Type, name: str) -> str:
         return "a whole number" + _bounds(kind.ge, kind.le, kind.gt, kind.lt)
     if isinstance(kind, msgspec.inspect.FloatType):
         return "a finite number" + _bounds(kind.ge, kind.le, kind.gt, kind.lt)
+    if isinstance(kind, msgspec.inspect.BoolType):
+        return "true or false"
     if isinstance(kind, msgspec.inspect.StrType) and kind.min_length:
         return "a non-empty text"
     return ""

@@ -482,3 +482,17 @@ async def test_requests_without_a_key_are_unaffected(rabbitmq_url: str) -> None:
         assert calls == {"0.1 unkeyed": 4}
         assert await metric(live.client, REPEATS) == 0
         assert await metric(live.client, "predictions_accepted_total") == 3
+
+
+async def test_two_key_lines_are_no_single_key(rabbitmq_url: str) -> None:
+    """Two Idempotency-Key lines are a comma-joined list (RFC 9110): 400, as the list is."""
+    async with live_app(settings_for_test(rabbitmq_url)) as live:
+        for headers in (
+            [("Idempotency-Key", '"a1"'), ("Idempotency-Key", '"a2"')],
+            [("Idempotency-Key", '"a1", "a2"')],
+        ):
+            response = await live.client.post(
+                "/predict", json={"input": "x"}, headers=[("Async-Mode", "true"), *headers]
+            )
+            assert response.status_code == 400, response.text
+            assert "Idempotency-Key" in response.json()["error"]

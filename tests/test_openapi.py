@@ -237,7 +237,8 @@ def test_component_schemas_are_the_msgspec_types(document: dict[str, Any]) -> No
     assert status["required"] == STATUS_KEYS
     body = document["paths"]["/predict"]["post"]["requestBody"]
     assert body["required"] is True
-    assert body["content"] == {JSON: {"schema": {"$ref": REF.format(name="PredictRequest")}}}
+    schema = {"$ref": REF.format(name="PredictRequest")}
+    assert body["content"] == {JSON: {"schema": schema, "example": {"input": "string"}}}
 
 
 # -- (b) schemathesis against the live service ------------------------------

@@ -62,7 +62,8 @@ def test_a_malformed_secret_refuses_to_start_without_echoing_it(secret: str) -> 
 @pytest.mark.parametrize(
     "address",
     ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "::1",
-     "fe80::1", "fd00::1", "0.0.0.0", "::ffff:127.0.0.1", "100.64.0.1", "224.0.0.1"],
+     "fe80::1", "fd00::1", "0.0.0.0", "::ffff:127.0.0.1", "100.64.0.1", "224.0.0.1",
+     "64:ff9b::7f00:1", "2002:7f00:1::", "2002:a00:1::"],
 )  # fmt: skip
 def test_loopback_private_link_local_and_the_like_are_forbidden(address: str) -> None:
     assert forbidden(ipaddress.ip_address(address))
@@ -74,7 +75,15 @@ def test_public_addresses_are_allowed(address: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["ftp://example.com/", "example.com/hook", "http:///nohost", "http://x:99999/"]
+    "url",
+    [
+        "ftp://example.com/",
+        "example.com/hook",
+        "http:///nohost",
+        "http://x:99999/",
+        f"http://{'a' * 64}.com/x",  # a label of more than 63 characters
+        "http://a..b/x",
+    ],
 )
 def test_only_http_urls_with_a_host_are_taken(url: str) -> None:
     with pytest.raises(WebhookRefused):
@@ -152,10 +161,17 @@ def test_retry_after_as_an_http_date() -> None:
     assert retry_after_s(None, NOW_S) is None
 
 
-def test_past_the_retry_window_it_is_dead() -> None:
+def test_a_wait_past_the_window_is_cut_to_one_last_try_at_its_end() -> None:
     verdict = _judge(500, tries=7, owed_for_s=90)  # 64-128 s more would pass 100 s
+    assert isinstance(verdict, RetryLater) and verdict.delay_s == pytest.approx(10.0)
+    longer = _judge(503, "3600", owed_for_s=40)  # Retry-After past the window: same
+    assert isinstance(longer, RetryLater) and longer.delay_s == pytest.approx(60.0)
+
+
+def test_at_the_end_of_the_window_it_is_dead() -> None:
+    verdict = _judge(500, tries=8, owed_for_s=100)
     assert isinstance(verdict, Dead)
-    assert "answered 500" in verdict.reason and "7 tries" in verdict.reason
+    assert "answered 500" in verdict.reason and "8 tries" in verdict.reason
 
 
 def test_each_wait_goes_to_the_queue_of_its_power_of_two() -> None:

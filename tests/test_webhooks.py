@@ -325,6 +325,9 @@ async def test_a_private_address_is_refused_without_the_flag(rabbitmq_url: str) 
         "http://[::ffff:127.0.0.1]/": "127.0.0.1",
         "ftp://example.com/": "http",
         "not a url": "http",
+        "http://[64:ff9b::7f00:1]/": "64:ff9b::7f00:1",  # NAT64 of 127.0.0.1
+        f"http://{'a' * 64}.com/x": "not a valid host name",  # once a 500
+        "http://a..b/x": "not a valid host name",
     }
     settings = settings_for_test(rabbitmq_url, webhook_secret=SECRET)
     async with live_app(settings) as live:

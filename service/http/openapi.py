@@ -83,7 +83,9 @@ def _predict_operation() -> dict[str, Any]:
         ],
         "requestBody": {
             "required": True,
-            "content": {JSON: {"schema": _ref(PredictRequest)}},
+            # The body "Try it out" starts from: the optional webhook fields
+            # left out (null would be sent as such, and means "none").
+            "content": {JSON: {"schema": _ref(PredictRequest), "example": {"input": "string"}}},
         },
         "responses": {
             "200": _body("The model's answer.", PredictResponse),

@@ -40,6 +40,10 @@ class ClientHeaders:
             if name == b"prefer":
                 self.prefer.append(value.decode("latin-1"))
                 continue
+            if name == b"idempotency-key" and self.idempotency_key is not None:
+                # Two lines are one comma-joined list (RFC 9110): no single key, 400.
+                self.idempotency_key += ", " + value.decode("latin-1")
+                continue
             attribute = _FIRST_WINS.get(name)
             if attribute is not None and getattr(self, attribute) is None:
                 setattr(self, attribute, value.decode("latin-1"))

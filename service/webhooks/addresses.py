@@ -21,6 +21,7 @@ URL_MAX_CHARS = 2048
 RESOLVE_TIMEOUT_S = 5.0
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 
 class WebhookRefused(Exception):
@@ -42,13 +43,32 @@ def parse_url(url: str) -> tuple[str, int]:
         raise WebhookRefused(f"webhook is not a valid URL ({exc})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise WebhookRefused("webhook must be an http:// or https:// URL with a host")
-    return parts.hostname, port or (443 if parts.scheme == "https" else 80)
+    host = parts.hostname
+    try:
+        if not _is_address(host):
+            host.encode("idna")  # what a resolver is given: labels of 1 to 63 characters
+    except UnicodeError:
+        raise WebhookRefused(f"webhook host {host!r} is not a valid host name") from None
+    return host, port or (443 if parts.scheme == "https" else 80)
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def forbidden(address: IPAddress) -> bool:
     """Loopback, private, link-local and the like: not the public internet."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        # An IPv4 address carried in IPv6 (mapped, 6to4, NAT64) is judged as itself.
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is None and address in _NAT64:
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is not None:
+            address = embedded
     return not address.is_global or address.is_multicast
 
 
@@ -74,7 +94,7 @@ async def _resolve(host: str, port: int) -> list[IPAddress]:
     try:
         async with asyncio.timeout(RESOLVE_TIMEOUT_S):
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, TimeoutError) as exc:
+    except (OSError, TimeoutError, UnicodeError) as exc:
         raise Unresolvable(f"webhook host {host!r} cannot be resolved ({exc})") from None
     return [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
 

@@ -4,7 +4,8 @@ A 2xx is delivered; a 410 means the receiver wants no more (gone);
 anything else, an error or a timeout included, is tried again after an
 exponential backoff with jitter (the first retry within 1-2 s, then
 doubling), or after the receiver's Retry-After if that is longer, until
-WEBHOOK_RETRY_FOR_S after the delivery was first owed: then it is dead.
+WEBHOOK_RETRY_FOR_S after the delivery was first owed (a last try at that
+moment, if a wait would pass it): then it is dead.
 """
 
 from __future__ import annotations
@@ -64,8 +65,11 @@ def judge(
     waited_s = retry_after_s(retry_after, now_s)
     if waited_s is not None:
         delay_s = max(delay_s, waited_s)
-    if owed_for_s + delay_s > retry_for_s:
+    left_s = retry_for_s - owed_for_s
+    if left_s <= 0:
         return Dead(f"{reason}; still failing after {tries} tries")
+    # A wait that would end past the window is cut to its end: one last try then.
+    delay_s = min(delay_s, left_s)
     return RetryLater(delay_s, level_of(delay_s), reason)
 
 

@@ -141,6 +141,10 @@ class WebhookSender:
         except BrokerUnavailable as exc:
             # Not acked: the broker hands it out again after the reconnection.
             log.warning("could not settle a webhook delivery: %s", exc)
+        except Exception:
+            # A bug: acked, so that it does not circle between replicas for good.
+            log.exception("giving up a webhook delivery that could not be handled")
+            await _quietly(message.ack())
         finally:
             self.held -= 1
 
@@ -212,7 +216,7 @@ class WebhookSender:
                 status, retry_after = response.status, response.headers.get("Retry-After")
         except TimeoutError:
             error = f"no answer within {self._settings.webhook_timeout_s:g} s"
-        except (aiohttp.ClientError, OSError) as exc:
+        except (aiohttp.ClientError, OSError, ValueError) as exc:  # ValueError: a bad URL
             error = f"{type(exc).__name__}: {exc}"
         return judge(
             status,
@@ -257,6 +261,13 @@ class WebhookSender:
 
     def _count(self, job: WebhookJob, outcome: str) -> None:
         self._metrics.webhook_deliveries.labels(job.event, outcome).inc()
+
+
+async def _quietly(settling: Awaitable[object]) -> None:
+    try:
+        await settling
+    except (aio_pika.exceptions.AMQPError, *aio_pika.exceptions.CONNECTION_EXCEPTIONS):
+        log.info("could not ack a webhook delivery; it will come again")
 
 
 def _tells(job: WebhookJob, status: PredictionStatus) -> bool:
