@@ -188,9 +188,11 @@ def _seconds(value: float) -> str:
 
 
 def _broker(settings: Settings) -> str:
-    address = BrokerAddress.parse(settings.rabbitmq_url)
-    tls = " (TLS)" if address.tls else ""
-    return f"{address}{tls} vhost {address.vhost!r} as {address.user}"
+    addresses = [BrokerAddress.parse(url) for url in settings.rabbitmq_urls]
+    first = addresses[0]
+    tls = " (TLS)" if first.tls else ""
+    nodes = ", ".join(map(str, addresses))
+    return f"{nodes}{tls} vhost {first.vhost!r} as {first.user}"
 
 
 def _version() -> str:

@@ -306,7 +306,10 @@ class Broker:
         self.settings = settings
         self._metrics = metrics
         self.names = Names.for_namespace(settings.broker_namespace)
-        self.address = BrokerAddress.parse(settings.rabbitmq_url)
+        # The nodes RABBITMQ_URL names; each reconnection tries the next.
+        self._urls = settings.rabbitmq_urls
+        self._node = 0
+        self.address = BrokerAddress.parse(self._urls[0])
         # Why reconnecting failed, each said once per outage (aio-pika retries every
         # BROKER_RECONNECT_INTERVAL_S, whatever the error).
         self._failures_logged: set[str] = set()
@@ -332,7 +335,8 @@ class Broker:
         BrokerRefused at once if the broker turns us away for good.
         """
         quiet_connection_noise()
-        connection = await _connect_with_retry(self.settings, self.address)
+        connection, self._node = await _connect_with_retry(self.settings, self._urls)
+        self.address = BrokerAddress.parse(self._urls[self._node])
         try:
             await self._declare(connection)
         except aiormq.exceptions.AMQPError as exc:
@@ -448,6 +452,7 @@ class Broker:
 
     def _on_connection_lost(self, _: object, exc: BaseException | None = None) -> None:
         # Called when the connection drops, then once per failed attempt to reconnect.
+        self._next_node()
         interval_s = self.settings.broker_reconnect_interval_s
         if self._up.is_set():
             log.warning(
@@ -459,6 +464,19 @@ class Broker:
             self._log_reconnect_failure(exc, interval_s)
         self._up.clear()
         self._down.set()
+
+    def _next_node(self) -> None:
+        """Point the next reconnection at the next node: the one lost may be down for good."""
+        connection = self._connection
+        if len(self._urls) == 1 or not isinstance(connection, aio_pika.RobustConnection):
+            return
+        if self.closed:
+            return
+        self._node = (self._node + 1) % len(self._urls)
+        interval_s = self.settings.broker_reconnect_interval_s
+        # aio-pika reads `url` afresh at each attempt.
+        connection.url = make_url(self._urls[self._node], reconnect_interval=interval_s)
+        self.address = BrokerAddress.parse(self._urls[self._node])
 
     def _log_reconnect_failure(self, exc: BaseException, interval_s: float) -> None:
         refused = refusal(exc, self.address)
@@ -543,36 +561,45 @@ async def _open_channel(
 
 
 async def _connect_with_retry(
-    settings: Settings, address: BrokerAddress
-) -> aio_pika.abc.AbstractRobustConnection:
-    # Compose starts the broker and the service together; give the broker
-    # BROKER_CONNECT_TIMEOUT_S to come up, backing off between attempts.
-    # A refusal (login, vhost, permissions) waits for an operator, not for time.
+    settings: Settings, urls: tuple[str, ...]
+) -> tuple[aio_pika.abc.AbstractRobustConnection, int]:
+    """The connection to the first node that answers, trying them in turn, and its index.
+
+    Compose starts the broker and the service together; give the broker
+    BROKER_CONNECT_TIMEOUT_S to come up, backing off after each round of
+    the nodes. A refusal (login, vhost, permissions) waits for an
+    operator, not for time.
+    """
     deadline = time.monotonic() + settings.broker_connect_timeout_s
     delay_s = 0.2
+    attempt = 0
     while True:
+        node = attempt % len(urls)
+        attempt += 1
         try:
-            return await _connect_once(settings)
+            return await _connect_once(settings, urls[node]), node
         except aio_pika.exceptions.CONNECTION_EXCEPTIONS as exc:
-            if (refused := refusal(exc, address)) is not None:
+            if (refused := refusal(exc, BrokerAddress.parse(urls[node]))) is not None:
                 raise BrokerRefused(refused) from None
             remaining_s = deadline - time.monotonic()
             if remaining_s <= 0:
                 raise BrokerUnavailable(
-                    f"cannot reach RabbitMQ at {redacted(settings.rabbitmq_url)} after "
+                    f"cannot reach RabbitMQ at {', '.join(map(redacted, urls))} after "
                     f"{settings.broker_connect_timeout_s:g} s: {describe(exc)}"
                 ) from None
+            if attempt % len(urls):
+                continue  # the next node at once
             log.info("broker not reachable yet (%s); retrying in %.1f s", describe(exc), delay_s)
             await anyio.sleep(min(delay_s, remaining_s))
             delay_s = min(delay_s * 2, CONNECT_BACKOFF_MAX_S)
 
 
-async def _connect_once(settings: Settings) -> aio_pika.abc.AbstractRobustConnection:
+async def _connect_once(settings: Settings, url: str) -> aio_pika.abc.AbstractRobustConnection:
     # Built by hand rather than with connect_robust(): a robust connection
     # whose first attempt fails or is cancelled keeps a reconnect loop alive,
     # and only the object we hold here can close it.
     connection = aio_pika.RobustConnection(
-        make_url(settings.rabbitmq_url, reconnect_interval=settings.broker_reconnect_interval_s),
+        make_url(url, reconnect_interval=settings.broker_reconnect_interval_s),
         client_properties={"connection_name": connection_name(settings)},
     )
     try:

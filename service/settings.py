@@ -85,10 +85,7 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", forbid_unknown_field
             # a conversion to int long after the start.
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{name.upper()} must be a finite number")
-        if not self.rabbitmq_url.startswith(("amqp://", "amqps://")):
-            # Said at once: aio-pika would retry a malformed URL until
-            # BROKER_CONNECT_TIMEOUT_S, then fail with an empty reason.
-            raise ValueError("RABBITMQ_URL must start with amqp:// or amqps://")
+        _check_broker_urls(self.rabbitmq_urls)
         if self.webhook_secret and webhook_key(self.webhook_secret) is None:
             raise ValueError(
                 "WEBHOOK_SECRET must be whsec_ followed by base64 (the Standard Webhooks format)"
@@ -111,9 +108,34 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", forbid_unknown_field
         except (msgspec.ValidationError, ValueError) as exc:
             raise ConfigError(_explain(str(exc), given)) from None
 
+    @property
+    def rabbitmq_urls(self) -> tuple[str, ...]:
+        """The broker nodes to try, in order: RABBITMQ_URL's URLs, separated by commas."""
+        return tuple(url.strip() for url in self.rabbitmq_url.split(","))
+
     def with_changes(self, **changes: object) -> Settings:
         """A copy with some fields replaced (tests and benchmarks use this)."""
         return msgspec.structs.replace(self, **changes)
+
+
+def _check_broker_urls(urls: tuple[str, ...]) -> None:
+    # Said at once: aio-pika would retry a malformed URL until
+    # BROKER_CONNECT_TIMEOUT_S, then fail with an empty reason. (No URL is
+    # echoed: it may hold a password.)
+    if len(urls) == 1:
+        if not urls[0].startswith(("amqp://", "amqps://")):
+            raise ValueError("RABBITMQ_URL must start with amqp:// or amqps://")
+        return
+    for number, url in enumerate(urls, 1):
+        if not url:
+            raise ValueError(
+                f"RABBITMQ_URL's entry {number} of {len(urls)} is empty "
+                "(two commas in a row, or one at an end)"
+            )
+        if not url.startswith(("amqp://", "amqps://")):
+            raise ValueError(
+                f"RABBITMQ_URL's entry {number} of {len(urls)} must start with amqp:// or amqps://"
+            )
 
 
 def webhook_key(secret: str) -> bytes | None:

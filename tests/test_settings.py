@@ -80,6 +80,9 @@ def test_values_are_read_and_converted_from_the_environment() -> None:
         ({"RESULT_TTL_S": "Infinity"}, r"RESULT_TTL_S='Infinity': expected a finite number > 0$"),
         ({"MODEL_DELAY_MIN_S": "0", "MODEL_DELAY_MAX_S": "inf"}, "MODEL_DELAY_MAX_S"),
         ({"RABBITMQ_URL": "localhost:5672"}, "RABBITMQ_URL must start with amqp://"),
+        ({"RABBITMQ_URL": "amqp://a,,amqp://b"}, "RABBITMQ_URL's entry 2 of 3 is empty"),
+        ({"RABBITMQ_URL": "amqp://a, http://b"}, "entry 2 of 2 must start with amqp://"),
+        ({"RABBITMQ_URL": "amqp://a,"}, "RABBITMQ_URL's entry 2 of 2 is empty"),
     ],
 )
 def test_bad_values_fail_with_one_line_naming_the_setting(
