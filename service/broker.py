@@ -59,6 +59,11 @@ EVENT_KEY = "event"  # routes to the stream only
 RETRY_KEY = "retry"  # routes to the work queue only: tasks a worker puts back
 DEAD_KEY = "dead"  # routes to the dead-letter queue only: tasks a worker gave up
 WEBHOOK_KEY = "webhook"  # routes to the webhook deliveries owed (with WEBHOOK_SECRET)
+# Every queue and the stream keep copies on this many nodes of a cluster (all
+# of them when it has fewer, one on a single node): one node may die without
+# losing a message, and a majority (2 of 3) keeps them available.
+REPLICAS = 3
+QUORUM = {"x-queue-type": "quorum", "x-quorum-initial-group-size": REPLICAS}
 # A delivery to retry waits in the delay queue of its wait's power of two
 # (1 s, 2 s, ... 2**17 s, beyond any WEBHOOK_RETRY_FOR_S of a day or so):
 # every message of one queue has a TTL within 2x of the others'.
@@ -397,7 +402,8 @@ class Broker:
         if isinstance(exc, aio_pika.exceptions.ChannelPreconditionFailed):
             return BrokerUnavailable(
                 f"the broker already has {self.names.exchange}.* declared with other "
-                f"arguments (was RESULT_TTL_S or MAX_ATTEMPTS changed?); use a new "
+                f"arguments (was RESULT_TTL_S or MAX_ATTEMPTS changed, or were they "
+                f"declared by a version before replication?); use a new "
                 f"BROKER_NAMESPACE or delete the old queues: {exc}"
             )
         refused = refusal(exc, self.address)
@@ -411,7 +417,7 @@ class Broker:
         self.exchange = await channel.declare_exchange(names.exchange, "direct", durable=True)
         dead_exchange = await channel.declare_exchange(names.dead, "fanout", durable=True)
         dead_queue = await channel.declare_queue(
-            names.dead, durable=True, arguments={"x-queue-type": "quorum"}
+            names.dead, durable=True, arguments=dict(QUORUM)
         )
         await dead_queue.bind(dead_exchange)
         self.tasks_queue = await channel.declare_queue(
@@ -440,7 +446,7 @@ class Broker:
         channel = await _open_channel(connection, self.settings.webhook_concurrency)
         self.webhooks_channel = channel
         self.webhooks_queue = await channel.declare_queue(
-            names.webhooks, durable=True, arguments={"x-queue-type": "quorum"}
+            names.webhooks, durable=True, arguments=dict(QUORUM)
         )
         await self.webhooks_queue.bind(names.exchange, WEBHOOK_KEY)
         arguments = _delay_queue_arguments(names) | {"x-dead-letter-routing-key": WEBHOOK_KEY}
@@ -500,7 +506,7 @@ class Broker:
 
 def _work_queue_arguments(names: Names, settings: Settings) -> dict[str, Any]:
     return {
-        "x-queue-type": "quorum",
+        **QUORUM,
         # The broker counts redeliveries (a crashed consumer's tasks included)
         # and dead-letters a task delivered more than this many extra times.
         "x-delivery-limit": settings.max_attempts - 1,
@@ -516,7 +522,7 @@ def _delay_queue_arguments(names: Names) -> dict[str, Any]:
     # Nobody consumes a delay queue: each message expires after its own
     # backoff (per-message TTL) and is dead-lettered back to the work queue.
     return {
-        "x-queue-type": "quorum",
+        **QUORUM,
         "x-dead-letter-exchange": names.exchange,
         "x-dead-letter-routing-key": RETRY_KEY,
         "x-dead-letter-strategy": "at-least-once",
@@ -547,6 +553,8 @@ def _metric_label(routing_key: str) -> str:
 def _stream_arguments(settings: Settings) -> dict[str, Any]:
     return {
         "x-queue-type": "stream",
+        # Replicas on up to REPLICAS nodes, as the quorum queues.
+        "x-initial-cluster-size": REPLICAS,
         "x-max-age": f"{math.ceil(settings.result_ttl_s)}s",
         "x-stream-max-segment-size-bytes": STREAM_SEGMENT_BYTES,
     }
