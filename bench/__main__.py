@@ -2,7 +2,8 @@
 
     python -m bench                      # everything, full sizes (~5 min)
     python -m bench --quick              # tiny sizes: proves the scripts run (~15 s)
-    python -m bench --only get post      # some of: get post pipeline capacity memory state line
+    python -m bench --only get post      # a subset: get post pipeline capacity memory state
+                                         # line fanout
     python -m bench --rounds 7 --duration 5 --profile
 
 Needs the RabbitMQ of RABBITMQ_URL (default: the local one). Uses wrk when
@@ -20,7 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import capacity, http_overhead, line, memory, pipeline, state
+from bench import capacity, fanout, http_overhead, line, memory, pipeline, state
 from bench.context import NAMES, QUICK, Context, Sizes
 from bench.loadgen import wrk_available
 from bench.report import Row, encode, table
@@ -33,6 +34,7 @@ BENCHMARKS: list[tuple[frozenset[str], Callable[[Context], list[Row]]]] = [
     (frozenset({"memory"}), memory.run),
     (frozenset({"state"}), state.run),
     (frozenset({"line"}), line.run),
+    (frozenset({"fanout"}), fanout.run),
 ]
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 RESULTS = Path(__file__).resolve().parent / "results"

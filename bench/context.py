@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # What `--only` can pick; items 1 and 2 of the issue are "get" and "post".
-NAMES = ("get", "post", "pipeline", "capacity", "memory", "state", "line")
+NAMES = ("get", "post", "pipeline", "capacity", "memory", "state", "line", "fanout")
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class Sizes:
     burst_delay_max_s: float = 2
     memory_count: int = 100_000
     memory_warmup: int = 2_000  # filled before the first reading, so buffers are warm
+    fanout_count: int = 20_000  # predictions on the stream each replica count reads
     warmup_s: float = 2
     restart_counts: tuple[int, ...] = (1_000, 100_000, 1_000_000)
     rss_budget_bytes: int = 268_435_456  # the default RESULTS_MEMORY_MAX_BYTES
@@ -54,6 +55,7 @@ QUICK = Sizes(
     burst_delay_max_s=0.1,
     memory_count=600,
     memory_warmup=100,
+    fanout_count=200,
     warmup_s=1,
     restart_counts=(200, 1_000),
     rss_budget_bytes=4 * 1024 * 1024,

@@ -31,6 +31,7 @@ QUICK = {
     "memory": 600,
 }
 CAPACITY_KEYS = {"capacity", "capacity_put_back", "burst"}
+FANOUT_KEYS = {"fanout_1", "fanout_2", "fanout_4"}
 LINE_KEYS = {
     "line_ahead_scaling",
     "line_dict_scaling",
@@ -66,7 +67,8 @@ def bench_queues(rabbitmq_url: str) -> list[str]:
 def test_quick_run_measures_every_figure(rabbitmq_url: str, tmp_path: Path) -> None:
     document = run_bench(rabbitmq_url, tmp_path, "--loadgen", "python")
     rows = rows_by_key(document)
-    expected = HTTP_KEYS | PIPELINE_KEYS | STATE_KEYS | CAPACITY_KEYS | LINE_KEYS | {"memory"}
+    expected = HTTP_KEYS | PIPELINE_KEYS | STATE_KEYS | CAPACITY_KEYS | LINE_KEYS | FANOUT_KEYS
+    expected |= {"memory"}
     assert set(rows) == expected
     for row in rows.values():
         assert len(row["ratios"]) == len(row["values"]) >= 1
