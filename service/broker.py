@@ -416,9 +416,7 @@ class Broker:
         channel = self.tasks_channel
         self.exchange = await channel.declare_exchange(names.exchange, "direct", durable=True)
         dead_exchange = await channel.declare_exchange(names.dead, "fanout", durable=True)
-        dead_queue = await channel.declare_queue(
-            names.dead, durable=True, arguments=dict(QUORUM)
-        )
+        dead_queue = await channel.declare_queue(names.dead, durable=True, arguments=dict(QUORUM))
         await dead_queue.bind(dead_exchange)
         self.tasks_queue = await channel.declare_queue(
             names.tasks, durable=True, arguments=_work_queue_arguments(names, settings)
