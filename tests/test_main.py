@@ -132,5 +132,6 @@ async def test_changed_queue_arguments_stop_the_start_with_one_line(rabbitmq_url
     await changed.start(wait_ready=False)
     assert await changed.wait_exit() == 1
     last_line = changed.log().strip().splitlines()[-1]
-    assert "was RESULT_TTL_S or MAX_ATTEMPTS changed?" in last_line
+    assert "was RESULT_TTL_S or MAX_ATTEMPTS changed" in last_line
+    assert "a version before replication" in last_line
     await delete_namespace(settings)
