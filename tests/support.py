@@ -21,6 +21,7 @@ import anyio
 import httpx
 import uvicorn
 from starlette.applications import Starlette
+from yarl import URL
 
 from service.app import create_app
 from service.broker import EVENT_KEY, TASK_KEY, Names, connection_prefix
@@ -198,9 +199,30 @@ async def metric(client: httpx.AsyncClient, series: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
+async def connect_to_broker(settings: Settings) -> aio_pika.abc.AbstractConnection:
+    """A plain connection to the first of the settings' broker nodes that answers.
+
+    Closed when it fails: aio-pika closes a connection it finds unclosed
+    when collected, in a task that never runs once the test's loop is gone
+    (an unraisable warning, an error here).
+    """
+    failure: Exception | None = None
+    for url in settings.rabbitmq_urls:
+        connection = aio_pika.Connection(URL(url))
+        try:
+            await connection.connect(timeout=5)
+        except Exception as exc:
+            await connection.close()
+            failure = exc
+            continue
+        return connection
+    assert failure is not None
+    raise failure
+
+
 async def publish_tasks(settings: Settings, envelope: Accepted | TaskBatch) -> None:
     """Publish a task (or a batch) as a replica's outbox does: to the stream and the work queue."""
-    connection = await aio_pika.connect(settings.rabbitmq_url, timeout=5)
+    connection = await connect_to_broker(settings)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         names = Names.for_namespace(settings.broker_namespace)
@@ -229,7 +251,7 @@ async def delete_namespace(settings: Settings) -> None:
     """Remove what the service declared for this test (queues, stream, exchanges)."""
     names = Names.for_namespace(settings.broker_namespace)
     with contextlib.suppress(Exception):
-        connection = await aio_pika.connect(settings.rabbitmq_url, timeout=5)
+        connection = await connect_to_broker(settings)
         async with connection:
             await names.delete(await connection.channel())
 
@@ -241,7 +263,7 @@ async def publish_padding(settings: Settings, megabytes: int) -> None:
     lag, or the stream roll segments (8 MB each) for retention.
     """
     names = Names.for_namespace(settings.broker_namespace)
-    connection = await aio_pika.connect(settings.rabbitmq_url, timeout=5)
+    connection = await connect_to_broker(settings)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         exchange = await channel.get_exchange(names.exchange)
@@ -255,7 +277,7 @@ async def dead_letters(settings: Settings, expected: int, timeout_s: float = 20)
     """Take `expected` messages from the dead-letter queue, waiting for them."""
     names = Names.for_namespace(settings.broker_namespace)
     bodies: list[bytes] = []
-    connection = await aio_pika.connect(settings.rabbitmq_url, timeout=5)
+    connection = await connect_to_broker(settings)
     async with connection:
         channel = await connection.channel()
         queue = await channel.get_queue(names.dead, ensure=True)
