@@ -268,10 +268,23 @@ def throwaway_cluster(size: int = 3, prefix: str = "cluster") -> Iterator[list[N
             node.wait_accepting()
         for node in nodes[1:]:
             node.join(nodes[0])
+        _wait_all_running(nodes)
         yield nodes
     finally:
         for node in reversed(nodes):
             node.stop()
+
+
+def _wait_all_running(nodes: list[Node]) -> None:
+    """Until every node sees them all running: a queue declared sooner gets fewer members."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    for node in nodes:
+        while node.rabbitmqctl("eval", "length(rabbit_nodes:all_running()).").strip() != str(
+            len(nodes)
+        ):
+            if time.monotonic() > deadline:
+                raise NodeError(f"node {node.name} does not see {len(nodes)} nodes running")
+            time.sleep(0.2)
 
 
 @contextlib.contextmanager
