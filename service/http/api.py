@@ -12,11 +12,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from service.broker import BrokerUnavailable
 from service.http.errors import ApiError
 from service.http.idempotency import parse_key
 from service.http.instrument import ACCEPTED_ID_KEY
-from service.http.lifecycle import submit_keyed
+from service.http.lifecycle import enqueue, submit_keyed
 from service.http.lookup import RETRY_AFTER_S, find, unavailable_as_503
 from service.http.protocol import CANCEL_ON_DISCONNECT_KEY, CLIENT_GONE_KEY
 from service.http.requests import (
@@ -172,14 +171,7 @@ async def _accept(services: Services, input: str, webhook: Requested, scope: Sco
     scope[ACCEPTED_ID_KEY] = prediction_id  # the request log's line names it
     url, events = webhook
     task = Accepted(prediction_id, input, time.time(), webhook=url, webhook_events=events)
-    try:
-        await services.journal.accept(task)
-    except BrokerUnavailable as exc:
-        raise ApiError(
-            503,
-            f"The task queue is unavailable ({exc}); retry later.",
-            {"Retry-After": RETRY_AFTER_S},
-        ) from None
+    await enqueue(services, task)
     services.metrics.accepted.inc()
     log.info("prediction accepted", extra={"prediction_id": prediction_id})
     return accepted_response(prediction_id)

@@ -168,6 +168,21 @@ async def _publish(services: Services, event: Canceled) -> None:
         ) from None
 
 
+# -- submits -----------------------------------------------------------------
+
+
+async def enqueue(services: Services, task: Accepted) -> None:
+    """Put the task on the queue (and the log), or answer 503: nothing was accepted."""
+    try:
+        await services.journal.accept(task)
+    except BrokerUnavailable as exc:
+        raise ApiError(
+            503,
+            f"The task queue is unavailable ({exc}); retry later.",
+            {"Retry-After": RETRY_AFTER_S},
+        ) from None
+
+
 # -- keyed submits -----------------------------------------------------------
 
 
@@ -220,14 +235,7 @@ async def _submit(
         webhook=url,
         webhook_events=events,
     )
-    try:
-        await services.journal.accept(task)
-    except BrokerUnavailable as exc:
-        raise ApiError(
-            503,
-            f"The task queue is unavailable ({exc}); retry later.",
-            {"Retry-After": RETRY_AFTER_S},
-        ) from None
+    await enqueue(services, task)
     found = await read_back(services, prediction_id)
     if found is None:
         raise _unreadable()
