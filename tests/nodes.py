@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.leftovers import NODE_FOLDER_PREFIX, mark_owner
 from tests.support import free_port
 
 RABBITMQ_USER = "rabbitmq"
@@ -230,11 +231,12 @@ class Node:
 def launch(prefix: str = "throwaway") -> Node:
     """A node started in the background, not yet waited for (see Node.wait_accepting)."""
     suffix = uuid.uuid4().hex[:8]
-    base = Path(tempfile.mkdtemp(prefix=f"rabbitmq-{prefix}-{suffix}-"))
+    base = Path(tempfile.mkdtemp(prefix=f"{NODE_FOLDER_PREFIX}{prefix}-{suffix}-"))
     node = Node(
         name=f"{prefix}-{suffix}@localhost", port=free_port(), dist_port=free_port(), base=base
     )
     try:
+        mark_owner(base)  # a run killed before stop() leaves it running (tests/leftovers.py)
         _prepare(node)
         node.start()
     except BaseException:

@@ -292,12 +292,17 @@ async def dead_letters(settings: Settings, expected: int, timeout_s: float = 20)
     return bodies
 
 
+# In a test service's environment: the process id of the test run that started it.
+OWNER_ENV = "TESTS_OWNER_PID"
+
+
 class ServiceProcess:
     """`python -m service` as a real process, as an operator runs it."""
 
     def __init__(self, settings: Settings, **env: str) -> None:
         self.settings = settings
-        self.env = settings_env(settings) | env
+        # OWNER_ENV lets the next run stop it if this one is killed (tests/leftovers.py).
+        self.env = settings_env(settings) | env | {OWNER_ENV: str(os.getpid())}
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = Path(f"/tmp/service-{settings.broker_namespace}-{settings.port}.log")
 
