@@ -139,12 +139,23 @@ class WebhookSender:
         try:
             await self._handle(message)
         except BrokerUnavailable as exc:
-            # Not acked: the broker hands it out again after the reconnection.
-            log.warning("could not settle a webhook delivery: %s", exc)
+            # Its retry could not be queued. Handed out again after a pause (at
+            # once if the connection is gone), not at once: a broker that takes
+            # no publishes must not turn into a storm of tries.
+            log.warning("could not queue a webhook retry (%s); tried again soon", exc)
+            if _channel_open(message):
+                await asyncio.sleep(self._settings.broker_reconnect_interval_s)
+            await self._settle(message.nack(requeue=True))
         except Exception:
             # A bug: acked, so that it does not circle between replicas for good.
             log.exception("giving up a webhook delivery that could not be handled")
-            await _quietly(message.ack())
+            await self._settle(message.ack())
+        except asyncio.CancelledError:
+            # A closing channel cancels its consumers' tasks (aiormq): the try
+            # is cut off, and the broker has the message back.
+            if not _channel_open(message):
+                self.in_broker += 1
+            raise
         finally:
             self.held -= 1
 
@@ -153,14 +164,23 @@ class WebhookSender:
             job = webhook_job_decoder.decode(message.body)
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
             log.error("dropping an undecodable webhook delivery: %s", exc)
-            await message.ack()
+            await self._settle(message.ack())
             return
         async with self._endpoints.turn(job.url) as my_turn:
             if my_turn:
                 await self._try_and_settle(job)
             else:
                 await self._wait_and_retry(job, "its endpoint is busy")
-        await message.ack()
+        await self._settle(message.ack())
+
+    async def _settle(self, settling: Awaitable[object]) -> None:
+        """Ack or nack; if the message's channel closed meanwhile, the broker
+        has put it back already, and it counts as owed there until the next count."""
+        try:
+            await settling
+        except (aio_pika.exceptions.AMQPError, *aio_pika.exceptions.CONNECTION_EXCEPTIONS):
+            log.info("a webhook delivery's channel closed before it was settled; it comes again")
+            self.in_broker += 1
 
     async def _try_and_settle(self, job: WebhookJob) -> None:
         try:
@@ -263,11 +283,12 @@ class WebhookSender:
         self._metrics.webhook_deliveries.labels(job.event, outcome).inc()
 
 
-async def _quietly(settling: Awaitable[object]) -> None:
+def _channel_open(message: aio_pika.abc.AbstractIncomingMessage) -> bool:
+    """Whether the message is still ours: once its channel closes, the broker has it back."""
     try:
-        await settling
-    except (aio_pika.exceptions.AMQPError, *aio_pika.exceptions.CONNECTION_EXCEPTIONS):
-        log.info("could not ack a webhook delivery; it will come again")
+        return not message.channel.is_closed
+    except aio_pika.exceptions.ChannelInvalidStateError:  # closed
+        return False
 
 
 def _tells(job: WebhookJob, status: PredictionStatus) -> bool:
