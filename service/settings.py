@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import math
 import os
 import re
@@ -17,12 +18,15 @@ from collections.abc import Mapping
 from typing import Annotated, Literal
 
 import msgspec
+from yarl import URL
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 # Also an AMQP prefetch count, which is a 16-bit number.
 PrefetchCount = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+# A broker's host name: letters, digits, dots and dashes (an address is checked apart).
+_BROKER_HOST = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 class ConfigError(Exception):
@@ -45,7 +49,11 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", forbid_unknown_field
     body_idle_timeout_s: Positive = 30
     predictor: str = ""
     # Prefix of every exchange and queue name, so deployments can share a vhost.
-    broker_namespace: Annotated[str, msgspec.Meta(min_length=1)] = "predictions"
+    # The prefix of the exchange's and every queue's name: what AMQP allows in
+    # one, and short enough for the longest (".webhooks.delay.17").
+    broker_namespace: Annotated[
+        str, msgspec.Meta(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:-]+$")
+    ] = "predictions"
     broker_connect_timeout_s: NonNegative = 60
     broker_reconnect_interval_s: Positive = 2
     publish_timeout_s: Positive = 5
@@ -71,7 +79,7 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", forbid_unknown_field
     webhook_retry_for_s: Positive = 86_400
     # Deliveries at once, in all and to one endpoint (scheme, host and port).
     webhook_concurrency: PrefetchCount = 64
-    webhook_endpoint_concurrency: PositiveInt = 4
+    webhook_endpoint_concurrency: PrefetchCount = 4
     # Let webhooks reach loopback, private and link-local addresses (tests, a
     # private network you trust); off, such a URL is refused (SSRF).
     webhook_allow_private_networks: bool = False
@@ -120,22 +128,44 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", forbid_unknown_field
 
 def _check_broker_urls(urls: tuple[str, ...]) -> None:
     # Said at once: aio-pika would retry a malformed URL until
-    # BROKER_CONNECT_TIMEOUT_S, then fail with an empty reason. (No URL is
-    # echoed: it may hold a password.)
-    if len(urls) == 1:
-        if not urls[0].startswith(("amqp://", "amqps://")):
-            raise ValueError("RABBITMQ_URL must start with amqp:// or amqps://")
-        return
+    # BROKER_CONNECT_TIMEOUT_S, then fail with an empty reason, or raise a
+    # traceback. (No URL is echoed: it may hold a password.)
+    vhosts = set()
     for number, url in enumerate(urls, 1):
-        if not url:
-            raise ValueError(
-                f"RABBITMQ_URL's entry {number} of {len(urls)} is empty "
-                "(two commas in a row, or one at an end)"
-            )
-        if not url.startswith(("amqp://", "amqps://")):
-            raise ValueError(
-                f"RABBITMQ_URL's entry {number} of {len(urls)} must start with amqp:// or amqps://"
-            )
+        where = f"RABBITMQ_URL's entry {number} of {len(urls)}" if len(urls) > 1 else "RABBITMQ_URL"
+        vhosts.add(_broker_vhost(url, where))
+    if len(vhosts) > 1:
+        # The nodes of one cluster serve the same vhosts: a reconnection to
+        # another entry must not move the service to other queues.
+        raise ValueError("RABBITMQ_URL's entries name different vhosts; give each node the same")
+
+
+def _broker_vhost(url: str, where: str) -> str:
+    """The vhost one RABBITMQ_URL entry names; ValueError saying what is wrong with it."""
+    if not url:
+        raise ValueError(f"{where} is empty (two commas in a row, or one at an end)")
+    scheme, separator, _ = url.partition("://")
+    if not separator or scheme.lower() not in ("amqp", "amqps"):
+        raise ValueError(f"{where} must start with amqp:// or amqps://")
+    try:
+        parsed = URL(url)
+        parsed.port  # noqa: B018 (parsing the port is what may raise)
+    except ValueError as exc:
+        raise ValueError(f"{where} is not a valid URL ({exc})") from None
+    host = parsed.raw_host or ""
+    if not host:
+        raise ValueError(f"{where} names no host (amqp://user:password@host:5672/vhost)")
+    if not _BROKER_HOST.fullmatch(host) and not _is_ip_address(host):
+        raise ValueError(f"{where} has a host that is not a host name or an address")
+    return parsed.path[1:] or "/"
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def webhook_key(secret: str) -> bytes | None:
@@ -192,9 +222,15 @@ def _allowed(kind: msgspec.inspect.Type, name: str) -> str:
         return "a finite number" + _bounds(kind.ge, kind.le, kind.gt, kind.lt)
     if isinstance(kind, msgspec.inspect.BoolType):
         return "true or false"
-    if isinstance(kind, msgspec.inspect.StrType) and kind.min_length:
-        return "a non-empty text"
+    if isinstance(kind, msgspec.inspect.StrType):
+        return _allowed_text(kind)
     return ""
+
+
+def _allowed_text(kind: msgspec.inspect.StrType) -> str:
+    if kind.pattern:  # only BROKER_NAMESPACE has one
+        return f"1 to {kind.max_length} letters, digits, dots, dashes, underscores or colons"
+    return "a non-empty text" if kind.min_length else ""
 
 
 def _bounds(ge: float | None, le: float | None, gt: float | None, lt: float | None) -> str:

@@ -25,8 +25,8 @@ def _dead_node(rabbitmq_url: str) -> str:
 
 
 def test_a_list_of_nodes_is_read_in_order() -> None:
-    settings = Settings(rabbitmq_url=" amqp://a:5672/ ,amqps://b:5671/v")
-    assert settings.rabbitmq_urls == ("amqp://a:5672/", "amqps://b:5671/v")
+    settings = Settings(rabbitmq_url=" amqp://a:5672/v ,amqps://b:5671/v")
+    assert settings.rabbitmq_urls == ("amqp://a:5672/v", "amqps://b:5671/v")
 
 
 async def test_the_first_node_that_answers_is_taken(rabbitmq_url: str) -> None:

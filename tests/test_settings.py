@@ -70,9 +70,16 @@ def test_values_are_read_and_converted_from_the_environment() -> None:
         ),
         ({"PUBLISH_TIMEOUT_S": "0"}, r"PUBLISH_TIMEOUT_S='0': expected a finite number > 0$"),
         ({"MAX_WAIT_S": "-1"}, r"MAX_WAIT_S='-1': expected a finite number >= 0$"),
-        ({"BROKER_NAMESPACE": ""}, r"BROKER_NAMESPACE='': expected a non-empty text$"),
+        ({"BROKER_NAMESPACE": ""}, r"BROKER_NAMESPACE='': expected 1 to 100 letters, digits,"),
+        ({"BROKER_NAMESPACE": "ns-ü"}, r"BROKER_NAMESPACE='ns-ü': expected 1 to 100 letters,"),
+        ({"BROKER_NAMESPACE": "a b"}, r"BROKER_NAMESPACE='a b': expected 1 to 100 letters,"),
+        ({"BROKER_NAMESPACE": "n" * 101}, r"BROKER_NAMESPACE='n+': expected 1 to 100 letters,"),
         ({"STREAM_PREFETCH": "70000"}, r"STREAM_PREFETCH='70000': expected a whole number from 1"),
         ({"MODEL_CONCURRENCY": "65536"}, r"MODEL_CONCURRENCY='65536': expected .* to 65535$"),
+        (
+            {"WEBHOOK_ENDPOINT_CONCURRENCY": "1" + "0" * 23},
+            r"WEBHOOK_ENDPOINT_CONCURRENCY='10+': expected a whole number from 1 to 65535$",
+        ),
         (
             {"SHUTDOWN_GRACE_S": "inf"},
             r"^invalid setting SHUTDOWN_GRACE_S='inf': expected a finite",
@@ -83,6 +90,13 @@ def test_values_are_read_and_converted_from_the_environment() -> None:
         ({"RABBITMQ_URL": "amqp://a,,amqp://b"}, "RABBITMQ_URL's entry 2 of 3 is empty"),
         ({"RABBITMQ_URL": "amqp://a, http://b"}, "entry 2 of 2 must start with amqp://"),
         ({"RABBITMQ_URL": "amqp://a,"}, "RABBITMQ_URL's entry 2 of 2 is empty"),
+        ({"RABBITMQ_URL": "amqp://h:port/"}, r"RABBITMQ_URL is not a valid URL \(.*port"),
+        ({"RABBITMQ_URL": "amqp://a,amqp://h:99999/"}, "entry 2 of 2 is not a valid URL"),
+        ({"RABBITMQ_URL": "amqp://u:p@[::1/"}, "RABBITMQ_URL is not a valid URL"),
+        ({"RABBITMQ_URL": "amqp://"}, "RABBITMQ_URL names no host"),
+        ({"RABBITMQ_URL": "amqp://a,amqp://u:p@:5672/"}, "entry 2 of 2 names no host"),
+        ({"RABBITMQ_URL": "amqp://a,amqp://a b/"}, "entry 2 of 2 has a host that is not"),
+        ({"RABBITMQ_URL": "amqp://a/,amqp://b/other"}, "entries name different vhosts"),
     ],
 )
 def test_bad_values_fail_with_one_line_naming_the_setting(
@@ -96,3 +110,15 @@ def test_bad_values_fail_with_one_line_naming_the_setting(
 def test_readme_documents_every_setting() -> None:
     documented = set(re.findall(r"^\| `([A-Z_]+)` \|", README.read_text(), re.MULTILINE))
     assert documented == {name.upper() for name in Settings.__struct_fields__}
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "AMQP://guest:guest@Broker-1.example:5672/",  # schemes and hosts are case-blind
+        "amqp://a:5672,amqp://b/,amqp://c/%2F",  # "/" three ways: one vhost
+        "amqps://u:p@[::1]:5671/prod,amqps://u:p@10.0.0.2:5671/prod",
+    ],
+)
+def test_broker_urls_that_are_fine_are_taken(url: str) -> None:
+    assert Settings.from_env({"RABBITMQ_URL": url}).rabbitmq_url == url
