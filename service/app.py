@@ -71,6 +71,8 @@ def create_app(settings: Settings | None = None, *, on_fatal: OnFatal | None = N
         # `path`: an id holding a slash is unknown (404), as on GET /predict/{id}.
         Route("/predict/{prediction_id:path}/status", lifecycle.get_status, methods=["GET"]),
         Route("/predict/{prediction_id:path}/cancel", lifecycle.cancel, methods=["POST"]),
+        # Else the route below takes a GET of it, and says 404 for an id that exists.
+        Route("/predict/{prediction_id:path}/cancel", lifecycle.cancel_is_a_post, methods=["GET"]),
         Route("/predict/{prediction_id:path}", api.get_prediction, methods=["GET"]),
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/readyz", api.readyz, methods=["GET"]),

@@ -272,6 +272,23 @@ async def test_status_and_cancel_of_an_unknown_id_are_404(
     assert (canceled.status_code, canceled.json()) == (404, NOT_FOUND)
 
 
+async def test_the_lifecycle_routes_answer_405_to_a_method_they_do_not_take(
+    live: LiveApp,
+) -> None:
+    # A cancel sent as a GET must not be read as GET /predict/{id} of an id
+    # holding "/cancel": that 404 would say a prediction that exists does not.
+    prediction_id = await submit_async(live.client, "exists")
+    for method, path, allowed in [
+        ("GET", f"/predict/{prediction_id}/cancel", "POST"),
+        ("DELETE", f"/predict/{prediction_id}/cancel", "POST"),
+        ("POST", f"/predict/{prediction_id}/status", "GET"),
+    ]:
+        response = await live.client.request(method, path)
+        assert response.status_code == 405, (method, path, response.text)
+        assert response.json() == {"error": "Method Not Allowed"}
+        assert allowed in response.headers["allow"]
+
+
 # -- cancel ------------------------------------------------------------------------
 
 

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from service.http.api import plain_asgi
 
 PREDICTION_PREFIX = "/predict/"
-STATUS = "/status"  # GET /predict/{id}/status takes Starlette's way
+# GET /predict/{id}/status, and a GET of /predict/{id}/cancel, take Starlette's way.
+NOT_AN_ID = ("/status", "/cancel")
 Handler = Callable[[Request, Exception], Awaitable[Response]]
 
 
@@ -46,7 +47,7 @@ class HotRoutes:
             # A newline: the router's `.*$` reads "/predict/<id>\n" as <id>,
             # and no id at all past one; it answers those as it always has.
             return None
-        if method == "GET" and path.startswith(PREDICTION_PREFIX) and not path.endswith(STATUS):
+        if method == "GET" and path.startswith(PREDICTION_PREFIX) and not path.endswith(NOT_AN_ID):
             scope["endpoint"] = self._get_prediction
             scope["path_params"] = {"prediction_id": path[len(PREDICTION_PREFIX) :]}
             return self._serve_get

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -155,6 +156,11 @@ async def cancel(request: Request) -> Response:
     if found.canceled:
         services.metrics.canceled.inc()
     return JsonResponse(finished_status(prediction_id, found))
+
+
+async def cancel_is_a_post(_: Request) -> Response:
+    """A GET of a cancel URL: 405, as for any other method the route does not take."""
+    raise HTTPException(405, headers={"Allow": "POST"})
 
 
 async def _publish(services: Services, event: Canceled) -> None:
