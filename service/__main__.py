@@ -92,11 +92,47 @@ class Server(uvicorn.Server):
 
 
 def main() -> None:
+    _answer_arguments(sys.argv[1:])
     _return_freed_memory()
     try:
         _serve()
     finally:
         close_logging()  # every line written, before any last `error:` line
+
+
+def _answer_arguments(arguments: list[str]) -> None:
+    """--help prints the settings; any other argument is refused, not ignored.
+
+    Settings come from the environment only: a flag that started the
+    service on its defaults (0.0.0.0:8080, the shared namespace) would
+    surprise whoever typed it.
+    """
+    if not arguments:
+        return
+    if arguments[0] in ("-h", "--help"):
+        print(_usage())
+        sys.exit(0)
+    print(
+        f"error: python -m service takes no arguments (got {arguments[0]!r}); "
+        "settings come from environment variables, listed by --help",
+        file=sys.stderr,
+    )
+    sys.exit(2)
+
+
+def _usage() -> str:
+    settings = Settings()
+    lines = [
+        "usage: [NAME=value ...] python -m service",
+        "",
+        "Runs the prediction service. Every setting is an environment variable;",
+        "README.md's settings table says what each does. Names and defaults:",
+        "",
+    ]
+    for name in Settings.__struct_fields__:
+        value = getattr(settings, name)
+        lines.append(f"  {name.upper()}={value}" if value != "" else f"  {name.upper()} (unset)")
+    return "\n".join(lines)
 
 
 def _serve() -> None:

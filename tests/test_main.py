@@ -6,13 +6,18 @@ import asyncio
 import errno
 import json
 import os
+import re
 import signal
 import socket
+import subprocess
+import sys
 
 import anyio
 import httpx
 
+from service.settings import Settings
 from tests.support import (
+    REPO,
     ServiceProcess,
     delete_namespace,
     free_port,
@@ -135,3 +140,34 @@ async def test_changed_queue_arguments_stop_the_start_with_one_line(rabbitmq_url
     assert "was RESULT_TTL_S or MAX_ATTEMPTS changed" in last_line
     assert "a version before replication" in last_line
     await delete_namespace(settings)
+
+
+def _run_service(*arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+        check=False,
+    )
+
+
+def test_help_lists_every_setting_and_starts_nothing() -> None:
+    for flag in ("--help", "-h"):
+        done = _run_service(flag)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("usage: ")
+        listed = set(re.findall(r"^  ([A-Z_]+)[= ]", done.stdout, re.MULTILINE))
+        assert listed == {name.upper() for name in Settings.__struct_fields__}
+        assert "  PORT=8080\n" in done.stdout
+        assert "  WEBHOOK_SECRET (unset)\n" in done.stdout
+        assert "starting on" not in done.stdout + done.stderr
+
+
+def test_an_argument_is_refused_with_one_line_not_ignored() -> None:
+    done = _run_service("--port", "9000")
+    assert done.returncode == 2
+    assert done.stdout == ""
+    [line] = done.stderr.splitlines()
+    assert line.startswith("error: python -m service takes no arguments (got '--port')")
