@@ -494,7 +494,7 @@ class Broker:
             log.warning("reconnecting failed (%s); retrying every %g s", reason, interval_s)
 
     def _on_reconnected(self, *_: Any) -> None:
-        log.info("broker connection restored")
+        log.info("broker connection restored (%s)", self.address)  # which node, with several
         self._failures_logged.clear()
         self._down.clear()
         self._up.set()

@@ -211,7 +211,8 @@ async def test_a_dropped_connection_logs_one_warning_and_no_traceback(rabbitmq_u
         )
     ]
     assert "Traceback" not in log
-    assert ("service.broker", "broker connection restored") in [
+    node = BrokerAddress.parse(settings.rabbitmq_url)
+    assert ("service.broker", f"broker connection restored ({node})") in [
         (r["logger"], r["message"]) for r in records
     ]
     await delete_namespace(settings)
