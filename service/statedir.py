@@ -46,6 +46,8 @@ class StateDir:
             path = Path(tempfile.mkdtemp(prefix=TEMPORARY_PREFIX))
             return cls(path, temporary=True, lock_fd=_lock(path, setting))
         path = Path(setting)
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"STATE_DIR={setting!r} is not a directory")
         try:
             path.mkdir(parents=True, exist_ok=True)
             _check_writable(path)

@@ -49,6 +49,12 @@ def test_a_path_under_a_file_is_refused(tmp_path: Path) -> None:
         StateDir.acquire(str(tmp_path / "file" / "state"))
 
 
+def test_a_file_is_refused_as_not_a_directory(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"^STATE_DIR='.*/file' is not a directory$"):
+        StateDir.acquire(str(tmp_path / "file"))
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only directories")
 def test_a_read_only_directory_is_refused(tmp_path: Path) -> None:
     tmp_path.chmod(0o500)
