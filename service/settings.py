@@ -155,12 +155,13 @@ def _broker_vhost(url: str, where: str) -> str:
     host = parsed.raw_host or ""
     if not host:
         raise ValueError(f"{where} names no host (amqp://user:password@host:5672/vhost)")
-    if not _BROKER_HOST.fullmatch(host) and not _is_ip_address(host):
+    if not _BROKER_HOST.fullmatch(host) and not is_ip_address(host):
         raise ValueError(f"{where} has a host that is not a host name or an address")
     return parsed.path[1:] or "/"
 
 
-def _is_ip_address(host: str) -> bool:
+def is_ip_address(host: str) -> bool:
+    """Whether a URL's host is an IPv4 or IPv6 address rather than a name."""
     try:
         ipaddress.ip_address(host)
     except ValueError:

@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 import aiohttp
 import aiohttp.abc
 
+from service.settings import is_ip_address
+
 URL_MAX_CHARS = 2048
 RESOLVE_TIMEOUT_S = 5.0
 
@@ -45,19 +47,11 @@ def parse_url(url: str) -> tuple[str, int]:
         raise WebhookRefused("webhook must be an http:// or https:// URL with a host")
     host = parts.hostname
     try:
-        if not _is_address(host):
+        if not is_ip_address(host):
             host.encode("idna")  # what a resolver is given: labels of 1 to 63 characters
     except UnicodeError:
         raise WebhookRefused(f"webhook host {host!r} is not a valid host name") from None
     return host, port or (443 if parts.scheme == "https" else 80)
-
-
-def _is_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def forbidden(address: IPAddress) -> bool:
